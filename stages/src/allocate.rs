@@ -1,0 +1,1 @@
+//! SNR allocation (paper eq. 7-10). Being written.

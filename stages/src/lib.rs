@@ -1,0 +1,12 @@
+//! The real work of progdiff's stages, on tch: noise schedules, SNR-based FLOPs allocation
+//! (paper eq. 7-10), and (as they land) data, IDDPM diffusion, the UNet, training, pruning and
+//! evaluation.
+//!
+//! Each stage kind owns its parameter types (serde + JSON Schema) and a `run` function that takes
+//! a [`context::StageContext`]; the engine owns manifests, keys, the cache and scheduling.
+#![warn(missing_docs)]
+
+pub mod allocate;
+pub mod config;
+pub mod context;
+pub mod schedule;
