@@ -1,1 +1,421 @@
-fn main() {}
+//! The `progdiff` command line: argument parsing and printing only; the work is in the library.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand, ValueEnum};
+use progdiff::dag::Dag;
+use progdiff::executor::{self, RunOptions, RunStatus, RunSummary};
+use progdiff::manifest::{Manifest, ManifestError};
+use progdiff::plan::{self, Plan, PlanStatus};
+use progdiff_cache::Cache;
+use progdiff_stages::context::CancelToken;
+
+/// Declarative, content-cached pipelines for Step-Adaptive Training of diffusion models.
+#[derive(Parser)]
+#[command(name = "progdiff", version, about)]
+struct Cli {
+    /// Cache directory [default: .progdiff in the working directory]
+    #[arg(long, global = true, env = "PROGDIFF_CACHE_DIR")]
+    cache_dir: Option<PathBuf>,
+    /// Only warnings and errors on stderr, no progress bars
+    #[arg(short, long, global = true)]
+    quiet: bool,
+    /// More log detail (debug)
+    #[arg(short, long, global = true)]
+    verbose: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Check manifests; every error with file:line:col
+    Validate {
+        /// Manifest files
+        #[arg(required = true)]
+        manifests: Vec<PathBuf>,
+    },
+    /// Show each stage instance's key and whether it is cached or will run, and why
+    Plan {
+        /// Manifest file
+        manifest: PathBuf,
+        /// Print JSON instead of a table
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run what the plan says
+    Run {
+        /// Manifest file
+        manifest: PathBuf,
+        /// Print the summary as JSON
+        #[arg(long)]
+        json: bool,
+        /// Stage instances running at once
+        #[arg(short, long, default_value_t = 1)]
+        jobs: usize,
+        /// Device pool: `cpu`, or GPUs like `cuda:0,cuda:1` (one stage per GPU at a time)
+        #[arg(long, default_value = "cpu", value_delimiter = ',')]
+        devices: Vec<String>,
+    },
+    /// Draw the stage-instance graph
+    Graph {
+        /// Manifest file
+        manifest: PathBuf,
+        /// Output format
+        #[arg(long, value_enum, default_value_t = GraphFormat::Dot)]
+        format: GraphFormat,
+    },
+    /// Print the manifest JSON Schema (for yaml-language-server)
+    Schema,
+    /// Inspect and maintain the cache
+    #[command(subcommand)]
+    Cache(CacheCommand),
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum GraphFormat {
+    Dot,
+    Mermaid,
+}
+
+#[derive(Subcommand)]
+enum CacheCommand {
+    /// List stage records
+    Ls {
+        /// Print JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// Re-hash every object and check every record
+    Verify {
+        /// Delete corrupt objects and the records that reference them
+        #[arg(long)]
+        delete_corrupt: bool,
+    },
+    /// Remove everything the given manifests do not reach
+    Gc {
+        /// Manifests whose current stage instances are kept
+        manifests: Vec<PathBuf>,
+        /// Only report what would be removed
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+/// Exit codes.
+const EXIT_FAILED: u8 = 1;
+const EXIT_INVALID: u8 = 2;
+const EXIT_INTERRUPTED: u8 = 130;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.quiet, cli.verbose);
+    match real_main(cli) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            if is_broken_pipe(&e) {
+                return ExitCode::SUCCESS;
+            }
+            if let Some(ManifestError::Invalid(_)) = e.downcast_ref::<ManifestError>() {
+                eprintln!("{e}");
+                return ExitCode::from(EXIT_INVALID);
+            }
+            eprintln!("error: {e}");
+            for cause in e.chain().skip(1) {
+                eprintln!("  caused by: {cause}");
+            }
+            ExitCode::from(EXIT_FAILED)
+        }
+    }
+}
+
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
+fn init_logging(quiet: bool, verbose: bool) {
+    let default = if quiet {
+        "warn"
+    } else if verbose {
+        "debug"
+    } else {
+        "info"
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("PROGDIFF_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .without_time()
+        .try_init();
+}
+
+fn open_cache(cli_dir: &Option<PathBuf>) -> anyhow::Result<Cache> {
+    let dir = cli_dir.clone().unwrap_or_else(|| PathBuf::from(".progdiff"));
+    Cache::open(&dir).with_context(|| format!("opening cache `{}`", dir.display()))
+}
+
+fn real_main(cli: Cli) -> anyhow::Result<u8> {
+    let mut out = std::io::stdout().lock();
+    match &cli.command {
+        Command::Validate { manifests } => {
+            let mut failed = false;
+            for path in manifests {
+                match Manifest::load(path) {
+                    Ok(m) => {
+                        let dag = Dag::build(&m);
+                        writeln!(out, "{}: ok ({} stage instances)", path.display(), dag.instances.len())?;
+                    }
+                    Err(e) => {
+                        failed = true;
+                        eprintln!("{e}");
+                    }
+                }
+            }
+            Ok(if failed { EXIT_INVALID } else { 0 })
+        }
+        Command::Plan { manifest, json } => {
+            let m = Manifest::load(manifest)?;
+            let cache = open_cache(&cli.cache_dir)?;
+            let dag = Dag::build(&m);
+            let p = plan::plan(&m, &dag, &cache)?;
+            if *json {
+                serde_json::to_writer_pretty(&mut out, &p)?;
+                writeln!(out)?;
+            } else {
+                print_plan(&mut out, &p)?;
+            }
+            Ok(0)
+        }
+        Command::Run { manifest, json, jobs, devices } => {
+            let m = Manifest::load(manifest)?;
+            let cache = open_cache(&cli.cache_dir)?;
+            let dag = Dag::build(&m);
+            let p = plan::plan(&m, &dag, &cache)?;
+            let cancel = CancelToken::new();
+            let handler_token = cancel.clone();
+            let _ = ctrlc::set_handler(move || {
+                if handler_token.is_cancelled() {
+                    eprintln!("\ninterrupted twice: exiting now (the cache stays consistent)");
+                    std::process::exit(i32::from(EXIT_INTERRUPTED));
+                }
+                eprintln!("\ninterrupting: stopping running stages (Ctrl-C again to exit at once)");
+                handler_token.cancel();
+            });
+            let opts = RunOptions {
+                jobs: *jobs,
+                devices: devices.clone(),
+                progress: !cli.quiet && std::io::IsTerminal::is_terminal(&std::io::stderr()),
+            };
+            for d in &opts.devices {
+                anyhow::ensure!(
+                    d == "cpu" || d.strip_prefix("cuda:").is_some_and(|i| i.parse::<u32>().is_ok()),
+                    "unknown device `{d}`, expected `cpu` or `cuda:N`"
+                );
+            }
+            let summary = executor::run(&m, &p, &cache, &opts, &cancel);
+            if *json {
+                serde_json::to_writer_pretty(&mut out, &summary)?;
+                writeln!(out)?;
+            } else {
+                print_summary(&mut out, &summary)?;
+            }
+            Ok(if summary.interrupted {
+                EXIT_INTERRUPTED
+            } else if summary.success() {
+                0
+            } else {
+                EXIT_FAILED
+            })
+        }
+        Command::Graph { manifest, format } => {
+            let m = Manifest::load(manifest)?;
+            let dag = Dag::build(&m);
+            let text = match format {
+                GraphFormat::Dot => dag.to_dot(&m),
+                GraphFormat::Mermaid => dag.to_mermaid(&m),
+            };
+            write!(out, "{text}")?;
+            Ok(0)
+        }
+        Command::Schema => {
+            serde_json::to_writer_pretty(&mut out, &progdiff::schema::manifest_schema())?;
+            writeln!(out)?;
+            Ok(0)
+        }
+        Command::Cache(cmd) => cache_command(&cli, cmd, &mut out),
+    }
+}
+
+fn cache_command(cli: &Cli, cmd: &CacheCommand, out: &mut impl Write) -> anyhow::Result<u8> {
+    let cache = open_cache(&cli.cache_dir)?;
+    match cmd {
+        CacheCommand::Ls { json } => {
+            let records = cache.list()?;
+            if *json {
+                serde_json::to_writer_pretty(&mut *out, &records)?;
+                writeln!(out)?;
+            } else {
+                for r in &records {
+                    let size: u64 = r.outputs.values().map(|o| o.size).sum();
+                    writeln!(
+                        out,
+                        "{}  {:<16} {:<14} {:>10}  {:>8.1}s  {}",
+                        r.key.short(),
+                        r.id,
+                        r.kind,
+                        human_bytes(size),
+                        r.meta.duration_s,
+                        r.outputs.keys().cloned().collect::<Vec<_>>().join(", ")
+                    )?;
+                }
+                writeln!(out, "{} records", records.len())?;
+            }
+            Ok(0)
+        }
+        CacheCommand::Verify { delete_corrupt } => {
+            let report = cache.verify()?;
+            print_verify(out, &report)?;
+            if *delete_corrupt && !report.is_clean() {
+                let repaired = cache.repair(&report)?;
+                writeln!(
+                    out,
+                    "removed {} corrupt objects, {} records, {} temp entries",
+                    repaired.objects_removed, repaired.records_removed, repaired.tmp_removed
+                )?;
+            }
+            Ok(if report.is_clean() { 0 } else { EXIT_FAILED })
+        }
+        CacheCommand::Gc { manifests, dry_run } => {
+            let mut keep = std::collections::BTreeSet::new();
+            for path in manifests {
+                let m = Manifest::load(path)?;
+                let dag = Dag::build(&m);
+                for s in plan::plan(&m, &dag, &cache)?.stages {
+                    keep.insert(s.key);
+                }
+            }
+            let r = cache.gc(&keep, *dry_run)?;
+            writeln!(
+                out,
+                "{}{} records, {} objects, {} work dirs, {} temp entries ({}); kept {} records, {} objects",
+                if r.dry_run { "would remove " } else { "removed " },
+                r.records_removed,
+                r.objects_removed,
+                r.work_dirs_removed,
+                r.tmp_removed,
+                human_bytes(r.bytes_freed),
+                r.records_kept,
+                r.objects_kept
+            )?;
+            if !r.skipped_locked.is_empty() {
+                writeln!(out, "left {} keys alone: a running stage holds them", r.skipped_locked.len())?;
+            }
+            Ok(0)
+        }
+    }
+}
+
+fn print_verify(out: &mut impl Write, r: &progdiff_cache::VerifyReport) -> anyhow::Result<()> {
+    writeln!(
+        out,
+        "checked {} objects ({}) and {} records",
+        r.objects_checked,
+        human_bytes(r.bytes_checked),
+        r.records_checked
+    )?;
+    for c in &r.corrupt_objects {
+        match (&c.actual, &c.error) {
+            (Some(actual), _) => writeln!(out, "corrupt object `{}`: content hashes to {actual}", c.path.display())?,
+            (None, e) => writeln!(out, "unreadable object `{}`: {}", c.path.display(), e.as_deref().unwrap_or(""))?,
+        }
+    }
+    for b in &r.bad_records {
+        writeln!(out, "bad record `{}`: {}", b.path.display(), b.reason)?;
+    }
+    for m in &r.missing_objects {
+        writeln!(out, "record of `{}` ({}) names missing object {} for output `{}`", m.id, m.key.short(), m.digest, m.output)?;
+    }
+    for t in &r.stale_tmp {
+        writeln!(out, "stale temp entry `{}`", t.display())?;
+    }
+    for t in &r.stray_files {
+        writeln!(out, "stray file `{}`", t.display())?;
+    }
+    writeln!(out, "{}", if r.is_clean() { "cache is consistent" } else { "cache has problems (`progdiff cache verify --delete-corrupt` removes them)" })?;
+    Ok(())
+}
+
+fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 { format!("{n} B") } else { format!("{v:.1} {}", UNITS[u]) }
+}
+
+fn print_plan(out: &mut impl Write, p: &Plan) -> anyhow::Result<()> {
+    let width = p.stages.iter().map(|s| s.id.len()).max().unwrap_or(0);
+    for s in &p.stages {
+        let status = match s.status {
+            PlanStatus::Cached => "cached",
+            PlanStatus::Run => "run",
+        };
+        write!(out, "{status:<6}  {:<width$}  {}  {:<12}", s.id, s.key.short(), s.kind)?;
+        if !s.reasons.is_empty() {
+            write!(out, "  {}", s.reasons.join("; "))?;
+        }
+        writeln!(out)?;
+    }
+    let to_run = p.to_run();
+    write!(out, "{} stage instances: {} cached, {to_run} to run", p.stages.len(), p.stages.len() - to_run)?;
+    let known: Vec<f64> = p
+        .stages
+        .iter()
+        .filter(|s| s.status == PlanStatus::Run)
+        .filter_map(|s| s.last_duration_s)
+        .collect();
+    if !known.is_empty() {
+        write!(out, " (last runs of {} of them took {:.1}s)", known.len(), known.iter().sum::<f64>())?;
+    }
+    writeln!(out)?;
+    Ok(())
+}
+
+fn print_summary(out: &mut impl Write, s: &RunSummary) -> anyhow::Result<()> {
+    let width = s.stages.iter().map(|s| s.id.len()).max().unwrap_or(0);
+    for st in &s.stages {
+        let status = match st.status {
+            RunStatus::Hit => "hit",
+            RunStatus::Ran => "ran",
+            RunStatus::Failed => "FAILED",
+            RunStatus::Skipped => "skipped",
+        };
+        write!(out, "{status:<7}  {:<width$}  {:>7.1}s", st.id, st.seconds)?;
+        if let Some(e) = &st.error {
+            write!(out, "  {}", e.lines().next().unwrap_or(""))?;
+        } else if st.status == RunStatus::Skipped {
+            write!(out, "  {}", st.reasons.join("; "))?;
+        }
+        writeln!(out)?;
+    }
+    writeln!(
+        out,
+        "{} ran, {} hit, {} failed, {} skipped{}",
+        s.count(RunStatus::Ran),
+        s.count(RunStatus::Hit),
+        s.count(RunStatus::Failed),
+        s.count(RunStatus::Skipped),
+        if s.interrupted { " (interrupted)" } else { "" }
+    )?;
+    Ok(())
+}

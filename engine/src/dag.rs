@@ -1,0 +1,197 @@
+//! The stage graph: manifest stages expanded into stage instances (`for_each: group` gives one
+//! instance per group: `prune[0]` ... `prune[N-1]`), in a topological order, drawable as DOT or
+//! Mermaid. The graph is static: group counts come from the allocation stage's parameters, so
+//! the whole DAG is known (and plannable) before anything runs.
+
+use std::collections::{BTreeSet, HashMap};
+use std::fmt::Write as _;
+
+use petgraph::algo::{tarjan_scc, toposort};
+use petgraph::graph::{DiGraph, NodeIndex};
+
+use crate::manifest::{ForEach, Manifest, StageDecl};
+
+/// One runnable unit: a stage, or one group's copy of a fanned-out stage.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Instance {
+    /// `base`, `prune[3]`.
+    pub id: String,
+    /// Index of the stage in [`Manifest::stages`].
+    pub stage: usize,
+    /// Group index for fanned-out instances.
+    pub group: Option<usize>,
+    /// Indices (into [`Dag::instances`]) of the instances this one needs, in `needs` order.
+    pub deps: Vec<usize>,
+}
+
+/// Stage instances in topological order (every instance after all its deps).
+#[derive(Clone, Debug)]
+pub struct Dag {
+    /// The instances.
+    pub instances: Vec<Instance>,
+}
+
+fn stage_graph(decls: &[StageDecl]) -> (DiGraph<usize, ()>, Vec<NodeIndex>) {
+    let mut g = DiGraph::new();
+    let nodes: Vec<NodeIndex> = (0..decls.len()).map(|i| g.add_node(i)).collect();
+    let index: HashMap<&str, usize> =
+        decls.iter().enumerate().map(|(i, d)| (d.name.as_str(), i)).collect();
+    for (i, d) in decls.iter().enumerate() {
+        for n in &d.needs {
+            if let Some(&j) = index.get(n.as_str()) {
+                g.add_edge(nodes[j], nodes[i], ());
+            }
+        }
+    }
+    (g, nodes)
+}
+
+/// A dependency cycle among the declared stages, as stage names in `needs` order, if any.
+pub fn find_cycle(decls: &[StageDecl]) -> Option<Vec<String>> {
+    let (g, _) = stage_graph(decls);
+    let scc = tarjan_scc(&g).into_iter().find(|c| c.len() > 1)?;
+    let members: BTreeSet<NodeIndex> = scc.iter().copied().collect();
+    // Walk "is needed by" edges inside the component from its first stage (in manifest order)
+    // until a stage repeats; the repeated stretch is a cycle.
+    let start = *members.iter().min_by_key(|n| g[**n]).expect("non-empty");
+    let mut path = vec![start];
+    loop {
+        let cur = *path.last().expect("non-empty");
+        let next = g
+            .neighbors_directed(cur, petgraph::Direction::Incoming)
+            .filter(|n| members.contains(n))
+            .min_by_key(|n| g[*n])
+            .expect("a node of a cycle has a predecessor in it");
+        if let Some(at) = path.iter().position(|&p| p == next) {
+            let cycle = &path[at..];
+            return Some(cycle.iter().map(|n| decls[g[*n]].name.clone()).collect());
+        }
+        path.push(next);
+    }
+}
+
+/// The allocation stage a `for_each: group` stage takes its groups from: the single stage with
+/// groups among its transitive needs.
+pub fn allocation_of<'a>(decls: &'a [StageDecl], stage: &str) -> Result<&'a StageDecl, String> {
+    let by_name: HashMap<&str, &StageDecl> = decls.iter().map(|d| (d.name.as_str(), d)).collect();
+    let mut seen = BTreeSet::new();
+    let mut stack: Vec<&str> = by_name.get(stage).map(|d| d.needs.iter().map(String::as_str).collect()).unwrap_or_default();
+    let mut found: Vec<&StageDecl> = Vec::new();
+    while let Some(n) = stack.pop() {
+        if !seen.insert(n) {
+            continue;
+        }
+        let Some(d) = by_name.get(n) else { continue };
+        if d.params.groups().is_some() {
+            found.push(d);
+        } else {
+            stack.extend(d.needs.iter().map(String::as_str));
+        }
+    }
+    match found.as_slice() {
+        [one] => Ok(one),
+        [] => Err(format!(
+            "`for_each: group` needs an `snr-allocate` stage among the stages `{stage}` needs (directly or through other stages)"
+        )),
+        many => Err(format!(
+            "`for_each: group` is ambiguous: `{stage}` reaches several allocation stages ({})",
+            many.iter().map(|d| format!("`{}`", d.name)).collect::<Vec<_>>().join(", ")
+        )),
+    }
+}
+
+impl Dag {
+    /// Expands a validated manifest's stages into instances.
+    pub fn build(m: &Manifest) -> Dag {
+        let (g, _) = stage_graph(&m.stages);
+        let order = toposort(&g, None).expect("validated manifests have no cycles");
+        let mut instances: Vec<Instance> = Vec::new();
+        // stage index -> instance indices (one, or one per group)
+        let mut of_stage: HashMap<usize, Vec<usize>> = HashMap::new();
+        for n in order {
+            let si = g[n];
+            let decl = &m.stages[si];
+            let groups = match decl.for_each {
+                Some(ForEach::Group) => {
+                    let alloc = allocation_of(&m.stages, &decl.name).expect("validated");
+                    Some(alloc.params.groups().expect("allocation stages define groups"))
+                }
+                None => None,
+            };
+            let make_deps = |instances: &[Instance], group: Option<usize>| -> Vec<usize> {
+                let mut deps = Vec::new();
+                for need in &decl.needs {
+                    let ui = m.stages.iter().position(|d| &d.name == need).expect("validated");
+                    let ups = &of_stage[&ui];
+                    match (group, m.stages[ui].for_each) {
+                        (Some(g), Some(ForEach::Group)) => {
+                            // Same group when both fan out over the same allocation; every
+                            // instance otherwise.
+                            if let Some(&u) = ups.iter().find(|&&u| instances[u].group == Some(g)) {
+                                deps.push(u);
+                            } else {
+                                deps.extend(ups);
+                            }
+                        }
+                        _ => deps.extend(ups),
+                    }
+                }
+                deps
+            };
+            let mut mine = Vec::new();
+            match groups {
+                Some(count) => {
+                    for g in 0..count {
+                        let deps = make_deps(&instances, Some(g));
+                        mine.push(instances.len());
+                        instances.push(Instance {
+                            id: format!("{}[{g}]", decl.name),
+                            stage: si,
+                            group: Some(g),
+                            deps,
+                        });
+                    }
+                }
+                None => {
+                    let deps = make_deps(&instances, None);
+                    mine.push(instances.len());
+                    instances.push(Instance { id: decl.name.clone(), stage: si, group: None, deps });
+                }
+            }
+            of_stage.insert(si, mine);
+        }
+        Dag { instances }
+    }
+
+    /// Graphviz DOT of the instances, labelled `id` and kind.
+    pub fn to_dot(&self, m: &Manifest) -> String {
+        let mut s = format!("digraph \"{}\" {{\n  rankdir=LR;\n  node [shape=box];\n", m.name);
+        for inst in &self.instances {
+            let kind = m.stages[inst.stage].params.kind();
+            let _ = writeln!(s, "  \"{}\" [label=\"{}\\n{}\"];", inst.id, inst.id, kind);
+        }
+        for inst in &self.instances {
+            for &d in &inst.deps {
+                let _ = writeln!(s, "  \"{}\" -> \"{}\";", self.instances[d].id, inst.id);
+            }
+        }
+        s.push_str("}\n");
+        s
+    }
+
+    /// Mermaid flowchart of the instances.
+    pub fn to_mermaid(&self, m: &Manifest) -> String {
+        let node_id = |i: usize| format!("n{i}");
+        let mut s = String::from("flowchart LR\n");
+        for (i, inst) in self.instances.iter().enumerate() {
+            let kind = m.stages[inst.stage].params.kind();
+            let _ = writeln!(s, "  {}[\"{}<br/>{}\"]", node_id(i), inst.id, kind);
+        }
+        for (i, inst) in self.instances.iter().enumerate() {
+            for &d in &inst.deps {
+                let _ = writeln!(s, "  {} --> {}", node_id(d), node_id(i));
+            }
+        }
+        s
+    }
+}

@@ -1,0 +1,141 @@
+//! The stage kinds the engine knows: how each parses its parameters, which manifest values it
+//! reads (the cache key holds exactly these), which external files it reads, and how it runs.
+//!
+//! Adding a kind means adding a variant here; the stage's real work lives in `progdiff-stages`.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use progdiff_stages::allocate::{self, AllocateParams};
+use progdiff_stages::command::{self, CommandParams};
+use progdiff_stages::config::DiffusionConfig;
+use progdiff_stages::context::StageContext;
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::manifest::yaml::Node;
+use crate::manifest::{Cx, Manifest, STAGE_KEYS, flatten};
+
+/// A stage's kind with its parameters, defaults filled.
+#[derive(Clone, Debug, PartialEq)]
+pub enum StageParams {
+    /// `snr-allocate`: paper eq. 7-10.
+    SnrAllocate(AllocateParams),
+    /// `command`: a shell command.
+    Command(CommandParams),
+}
+
+impl StageParams {
+    /// Every kind name, for messages and the schema.
+    pub const KINDS: &'static [&'static str] = &[allocate::KIND, command::KIND];
+
+    /// Parses the parameters of a stage of kind `kind` from its mapping `body`.
+    pub(crate) fn parse(
+        cx: &mut Cx,
+        kind: &str,
+        body: &Node,
+        prefix: &str,
+        diffusion: Option<&DiffusionConfig>,
+    ) -> Option<StageParams> {
+        match kind {
+            allocate::KIND => {
+                let p: AllocateParams = cx.deserialize(body, prefix, STAGE_KEYS)?;
+                let steps = diffusion.map(|d| d.steps).unwrap_or(usize::MAX);
+                let errs = p.validate(steps);
+                if errs.is_empty() {
+                    Some(StageParams::SnrAllocate(p))
+                } else {
+                    cx.field_errors(body, prefix, errs);
+                    None
+                }
+            }
+            command::KIND => {
+                let p: CommandParams = cx.deserialize(body, prefix, STAGE_KEYS)?;
+                let errs = p.validate();
+                if errs.is_empty() {
+                    Some(StageParams::Command(p))
+                } else {
+                    cx.field_errors(body, prefix, errs);
+                    None
+                }
+            }
+            other => {
+                let pos = body.get("kind").map(|n| n.pos).unwrap_or(body.pos);
+                let names =
+                    Self::KINDS.iter().map(|k| format!("`{k}`")).collect::<Vec<_>>().join(", ");
+                cx.push_at(pos, &format!("{prefix}.kind"), format!("unknown stage kind `{other}`, expected one of {names}"));
+                None
+            }
+        }
+    }
+
+    /// The kind name.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            StageParams::SnrAllocate(_) => allocate::KIND,
+            StageParams::Command(_) => command::KIND,
+        }
+    }
+
+    /// Implementation version (part of the key; bumped when results would change).
+    pub fn version(&self) -> u32 {
+        match self {
+            StageParams::SnrAllocate(_) => allocate::VERSION,
+            StageParams::Command(_) => command::VERSION,
+        }
+    }
+
+    /// Number of timestep groups, for kinds that define them (allocation).
+    pub fn groups(&self) -> Option<usize> {
+        match self {
+            StageParams::SnrAllocate(p) => Some(p.groups),
+            StageParams::Command(_) => None,
+        }
+    }
+
+    /// The manifest values this stage reads, by dotted path (`allocate.k`, `diffusion.steps`):
+    /// exactly what goes into its cache key.
+    pub fn reads(&self, m: &Manifest, stage: &str) -> BTreeMap<String, Value> {
+        let mut out = BTreeMap::new();
+        match self {
+            StageParams::SnrAllocate(p) => {
+                flatten(stage, &to_value(p), &mut out);
+                out.insert("diffusion.steps".into(), to_value(m.diffusion.steps));
+                out.insert("diffusion.schedule".into(), to_value(m.diffusion.schedule));
+            }
+            StageParams::Command(p) => {
+                flatten(stage, &to_value(p), &mut out);
+                out.insert("seed".into(), to_value(m.seed));
+            }
+        }
+        out
+    }
+
+    /// External files the stage reads: (label as written in the manifest, resolved path).
+    pub fn external_inputs(&self, m: &Manifest) -> Vec<(String, PathBuf)> {
+        match self {
+            StageParams::SnrAllocate(_) => Vec::new(),
+            StageParams::Command(p) => p.inputs.iter().map(|i| (i.clone(), m.resolve(i))).collect(),
+        }
+    }
+
+    /// Runs the stage's real work.
+    pub fn run(&self, m: &Manifest, ctx: &StageContext) -> anyhow::Result<()> {
+        match self {
+            StageParams::SnrAllocate(p) => allocate::run(ctx, p, &m.diffusion),
+            StageParams::Command(p) => command::run(ctx, p, &m.dir),
+        }
+    }
+
+    /// JSON schema of each kind's own parameters (without `kind`/`needs`/`for_each`).
+    pub fn schemas(generator: &mut schemars::SchemaGenerator) -> Vec<(&'static str, Value)> {
+        vec![
+            (allocate::KIND, generator.root_schema_for::<AllocateParams>().to_value()),
+            (command::KIND, generator.root_schema_for::<CommandParams>().to_value()),
+        ]
+    }
+}
+
+fn to_value(v: impl Serialize) -> Value {
+    serde_json::to_value(v).expect("parameters serialise to JSON")
+}

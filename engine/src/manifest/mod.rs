@@ -1,0 +1,589 @@
+//! Manifests: YAML -> a typed [`Manifest`], with every mistake reported at `file:line:col`.
+//!
+//! Reading goes in three steps: the YAML becomes a position-aware [`yaml::Node`] tree; each
+//! section and each stage is deserialised on its own (serde, unknown keys rejected with the list
+//! of expected ones), so one bad section does not hide errors in another; then values are
+//! range-checked and the stages are checked together (unknown `needs`, cycles, `for_each: group`
+//! without an allocation). All diagnostics are returned at once, sorted by position.
+
+pub mod yaml;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use progdiff_stages::config::{DiffusionConfig, ModelConfig};
+use progdiff_stages::context::FieldError;
+use schemars::JsonSchema;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+use crate::kinds::StageParams;
+use yaml::{Node, NodeKind, Pos};
+
+/// One problem in a manifest.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Diagnostic {
+    /// The manifest file as given.
+    pub file: String,
+    /// Where in it.
+    pub pos: Pos,
+    /// Dotted key path (`stages.allocate.k`); empty for the whole document.
+    pub path: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl fmt::Display for Diagnostic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}:{}: ", self.file, self.pos.line, self.pos.col)?;
+        if !self.path.is_empty() {
+            write!(f, "`{}`: ", self.path)?;
+        }
+        write!(f, "{}", self.message)
+    }
+}
+
+/// Why a manifest could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    /// The file could not be read.
+    #[error("cannot read manifest `{path}`")]
+    Read {
+        /// The manifest path.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The manifest has mistakes.
+    #[error("{}", render(.0))]
+    Invalid(Vec<Diagnostic>),
+}
+
+fn render(diags: &[Diagnostic]) -> String {
+    let mut s = diags.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n");
+    s.push_str(&format!(
+        "\n{} error{} in `{}`",
+        diags.len(),
+        if diags.len() == 1 { "" } else { "s" },
+        diags.first().map(|d| d.file.as_str()).unwrap_or("")
+    ));
+    s
+}
+
+/// `for_each:` values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ForEach {
+    /// One instance per timestep group of the upstream allocation.
+    Group,
+}
+
+/// A stage as declared in the manifest.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StageDecl {
+    /// The key under `stages:`.
+    pub name: String,
+    /// Stages it needs, in the order written.
+    pub needs: Vec<String>,
+    /// Fan-out.
+    pub for_each: Option<ForEach>,
+    /// The kind and its parameters (defaults filled).
+    pub params: StageParams,
+    /// Where the stage's key is.
+    pub pos: Pos,
+}
+
+/// A validated manifest with defaults filled in.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Manifest {
+    /// The file as given on the command line.
+    pub file: String,
+    /// Directory relative paths in the manifest resolve against.
+    pub dir: PathBuf,
+    /// Experiment name (defaults to the file stem); namespaces plan history in the cache.
+    pub name: String,
+    /// Seed for every stage that draws random numbers.
+    pub seed: u64,
+    /// `model:` section.
+    pub model: ModelConfig,
+    /// `diffusion:` section.
+    pub diffusion: DiffusionConfig,
+    /// Stages in manifest order.
+    pub stages: Vec<StageDecl>,
+}
+
+impl Manifest {
+    /// Reads and validates a manifest file.
+    pub fn load(path: &Path) -> Result<Manifest, ManifestError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ManifestError::Read { path: path.to_path_buf(), source })?;
+        let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        let dir = if dir.as_os_str().is_empty() { PathBuf::from(".") } else { dir };
+        let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        Manifest::parse(&text, &path.display().to_string(), &dir, &stem)
+            .map_err(ManifestError::Invalid)
+    }
+
+    /// Validates manifest text. `file` labels diagnostics; `default_name` is used when the
+    /// manifest has no `name:`.
+    pub fn parse(
+        text: &str,
+        file: &str,
+        dir: &Path,
+        default_name: &str,
+    ) -> Result<Manifest, Vec<Diagnostic>> {
+        let mut cx = Cx { file: file.to_string(), diags: Vec::new() };
+        let root = match yaml::parse(text) {
+            Ok(root) => root,
+            Err(errs) => {
+                for e in errs {
+                    cx.push(e.pos, &e.path, e.message);
+                }
+                return Err(cx.finish());
+            }
+        };
+        let manifest = cx.manifest(&root, dir, default_name);
+        let diags = cx.finish();
+        match manifest {
+            Some(m) if diags.is_empty() => Ok(m),
+            _ => Err(diags),
+        }
+    }
+
+    /// The declaration of stage `name`.
+    pub fn stage(&self, name: &str) -> Option<&StageDecl> {
+        self.stages.iter().find(|s| s.name == name)
+    }
+
+    /// Resolves a path written in the manifest against its directory.
+    pub fn resolve(&self, p: &str) -> PathBuf {
+        let p = Path::new(p);
+        if p.is_absolute() { p.to_path_buf() } else { self.dir.join(p) }
+    }
+}
+
+const TOP_KEYS: &[&str] = &["name", "seed", "model", "diffusion", "stages"];
+pub(crate) const STAGE_KEYS: &[&str] = &["kind", "needs", "for_each"];
+
+/// Collects diagnostics for one file.
+pub(crate) struct Cx {
+    file: String,
+    diags: Vec<Diagnostic>,
+}
+
+impl Cx {
+    pub(crate) fn push_at(&mut self, pos: Pos, path: &str, message: impl Into<String>) {
+        self.push(pos, path, message)
+    }
+
+    fn push(&mut self, pos: Pos, path: &str, message: impl Into<String>) {
+        self.diags.push(Diagnostic {
+            file: self.file.clone(),
+            pos,
+            path: path.to_string(),
+            message: message.into(),
+        });
+    }
+
+    fn finish(mut self) -> Vec<Diagnostic> {
+        self.diags.sort();
+        self.diags.dedup();
+        self.diags
+    }
+
+    /// Reports field errors of a section/stage whose node is `node` at `prefix`.
+    pub(crate) fn field_errors(&mut self, node: &Node, prefix: &str, errs: Vec<FieldError>) {
+        for e in errs {
+            let pos = node.locate(&e.path);
+            self.push(pos, &join(prefix, &e.path.join(".")), e.message);
+        }
+    }
+
+    fn manifest(&mut self, root: &Node, dir: &Path, default_name: &str) -> Option<Manifest> {
+        let NodeKind::Map(entries) = &root.kind else {
+            self.push(root.pos, "", format!("a manifest is a mapping, found {}", root.type_name()));
+            return None;
+        };
+        for (k, _) in entries {
+            if !TOP_KEYS.contains(&k.name.as_str()) {
+                self.push(k.pos, &k.name, unknown_key(&k.name, TOP_KEYS));
+            }
+        }
+        let name = match root.get("name") {
+            None => Some(default_name.to_string()),
+            Some(n) => match &n.kind {
+                NodeKind::Str(s) if !s.trim().is_empty() => Some(s.clone()),
+                _ => {
+                    self.push(n.pos, "name", format!("must be a non-empty string, found {}", n.type_name()));
+                    None
+                }
+            },
+        };
+        let seed = match root.get("seed") {
+            None => Some(0),
+            Some(n) => match n.kind {
+                NodeKind::Int(i) if i >= 0 => Some(i as u64),
+                _ => {
+                    self.push(n.pos, "seed", "must be a non-negative integer");
+                    None
+                }
+            },
+        };
+        let model = self.section::<ModelConfig>(root, "model", ModelConfig::validate);
+        let diffusion = self.section::<DiffusionConfig>(root, "diffusion", DiffusionConfig::validate);
+        let stages = self.stages(root, diffusion.as_ref());
+        Some(Manifest {
+            file: self.file.clone(),
+            dir: dir.to_path_buf(),
+            name: name?,
+            seed: seed?,
+            model: model?,
+            diffusion: diffusion?,
+            stages: stages?,
+        })
+    }
+
+    fn section<T: DeserializeOwned + JsonSchema + Default>(
+        &mut self,
+        root: &Node,
+        key: &str,
+        validate: fn(&T) -> Vec<FieldError>,
+    ) -> Option<T> {
+        let Some(node) = root.get(key) else { return Some(T::default()) };
+        if node.kind == NodeKind::Null {
+            return Some(T::default());
+        }
+        let value = self.deserialize::<T>(node, key, &[])?;
+        let errs = validate(&value);
+        if errs.is_empty() {
+            Some(value)
+        } else {
+            self.field_errors(node, key, errs);
+            None
+        }
+    }
+
+    /// Deserialises `node` as `T`, reporting every unknown key and every type error (the
+    /// offending entry is dropped and deserialisation retried, so several are found at once).
+    /// `skip` names keys of the mapping handled by the caller.
+    pub(crate) fn deserialize<T: DeserializeOwned + JsonSchema>(
+        &mut self,
+        node: &Node,
+        prefix: &str,
+        skip: &[&str],
+    ) -> Option<T> {
+        let NodeKind::Map(entries) = &node.kind else {
+            self.push(node.pos, prefix, format!("must be a mapping, found {}", node.type_name()));
+            return None;
+        };
+        let known = schema_properties::<T>();
+        let mut value = node.to_json();
+        let mut ok = true;
+        let obj = value.as_object_mut().expect("a mapping node converts to an object");
+        for (k, _) in entries {
+            if skip.contains(&k.name.as_str()) {
+                obj.remove(&k.name);
+            } else if !known.iter().any(|n| n == &k.name) {
+                let mut expected: Vec<&str> = known.iter().map(String::as_str).collect();
+                expected.extend_from_slice(skip);
+                self.push(k.pos, &join(prefix, &k.name), unknown_key(&k.name, &expected));
+                obj.remove(&k.name);
+                ok = false;
+            }
+        }
+        for _ in 0..64 {
+            match serde_path_to_error::deserialize::<_, T>(&value) {
+                Ok(t) => return ok.then_some(t),
+                Err(e) => {
+                    ok = false;
+                    let segs = segments(e.path());
+                    let message = clean_serde_message(&e.inner().to_string());
+                    self.push(node.locate(&segs), &join(prefix, &segs.join(".")), message);
+                    if segs.is_empty() || !remove_path(&mut value, &segs) {
+                        return None;
+                    }
+                }
+            }
+        }
+        None
+    }
+
+    fn stages(&mut self, root: &Node, diffusion: Option<&DiffusionConfig>) -> Option<Vec<StageDecl>> {
+        let Some(node) = root.get("stages") else {
+            self.push(root.pos, "stages", "missing `stages`: a manifest declares at least one stage");
+            return None;
+        };
+        let NodeKind::Map(entries) = &node.kind else {
+            self.push(node.pos, "stages", format!("must be a mapping of stage names, found {}", node.type_name()));
+            return None;
+        };
+        if entries.is_empty() {
+            self.push(node.pos, "stages", "declares no stage");
+            return None;
+        }
+        let mut decls = Vec::new();
+        let mut ok = self.check_needs(entries);
+        for (key, body) in entries {
+            match self.stage(&key.name, key.pos, body, diffusion) {
+                Some(d) => decls.push(d),
+                None => ok = false,
+            }
+            if !is_stage_name(&key.name) {
+                self.push(
+                    key.pos,
+                    &format!("stages.{}", key.name),
+                    "stage names use letters, digits, `-` and `_`, and start with a letter",
+                );
+                ok = false;
+            }
+        }
+        if !ok {
+            return None;
+        }
+        let graph_ok = self.check_graph(node, &decls);
+        graph_ok.then_some(decls)
+    }
+
+    fn stage(
+        &mut self,
+        name: &str,
+        pos: Pos,
+        body: &Node,
+        diffusion: Option<&DiffusionConfig>,
+    ) -> Option<StageDecl> {
+        let prefix = format!("stages.{name}");
+        if !matches!(body.kind, NodeKind::Map(_)) {
+            self.push(body.pos, &prefix, format!("a stage is a mapping, found {}", body.type_name()));
+            return None;
+        }
+        let kind = match body.get("kind") {
+            Some(Node { kind: NodeKind::Str(s), .. }) => s.clone(),
+            Some(n) => {
+                self.push(n.pos, &format!("{prefix}.kind"), format!("must be a string, found {}", n.type_name()));
+                return None;
+            }
+            None => {
+                self.push(pos, &prefix, format!("missing `kind`, expected one of {}", quoted(StageParams::KINDS)));
+                return None;
+            }
+        };
+        let needs = match body.get("needs") {
+            None => Some(Vec::new()),
+            Some(n) => match &n.kind {
+                NodeKind::Str(s) => Some(vec![s.clone()]),
+                NodeKind::Seq(items) => {
+                    let mut v = Vec::new();
+                    for (i, it) in items.iter().enumerate() {
+                        match &it.kind {
+                            NodeKind::Str(s) => v.push(s.clone()),
+                            _ => self.push(
+                                it.pos,
+                                &format!("{prefix}.needs.{i}"),
+                                format!("must be a stage name, found {}", it.type_name()),
+                            ),
+                        }
+                    }
+                    (v.len() == items.len()).then_some(v)
+                }
+                _ => {
+                    self.push(n.pos, &format!("{prefix}.needs"), "must be a stage name or a list of them");
+                    None
+                }
+            },
+        };
+        let for_each = match body.get("for_each") {
+            None | Some(Node { kind: NodeKind::Null, .. }) => Some(None),
+            Some(Node { kind: NodeKind::Str(s), .. }) if s == "group" => Some(Some(ForEach::Group)),
+            Some(n) => {
+                self.push(n.pos, &format!("{prefix}.for_each"), "must be `group`");
+                None
+            }
+        };
+        let params = StageParams::parse(self, &kind, body, &prefix, diffusion);
+        Some(StageDecl { name: name.to_string(), needs: needs?, for_each: for_each?, params: params?, pos })
+    }
+
+    /// Every name in `needs` is a declared stage other than the one needing it. Works on the raw
+    /// nodes, so it reports even when some stage's parameters are invalid.
+    fn check_needs(&mut self, entries: &[(yaml::Key, Node)]) -> bool {
+        let names: BTreeSet<&str> = entries.iter().map(|(k, _)| k.name.as_str()).collect();
+        let mut ok = true;
+        for (key, body) in entries {
+            let Some(needs) = body.get("needs") else { continue };
+            let items: Vec<&Node> = match &needs.kind {
+                NodeKind::Seq(items) => items.iter().collect(),
+                _ => vec![needs],
+            };
+            let path = format!("stages.{}.needs", key.name);
+            for item in items {
+                let NodeKind::Str(n) = &item.kind else { continue };
+                if n == &key.name {
+                    self.push(item.pos, &path, format!("stage `{n}` cannot need itself"));
+                    ok = false;
+                } else if !names.contains(n.as_str()) {
+                    let mut msg = format!("unknown stage `{n}`");
+                    if let Some(s) = closest(n, names.iter().copied()) {
+                        msg.push_str(&format!("\nhint: did you mean `{s}`?"));
+                    }
+                    self.push(item.pos, &path, msg);
+                    ok = false;
+                }
+            }
+        }
+        ok
+    }
+
+    /// No cycles, and every `for_each: group` stage reaches exactly one allocation.
+    fn check_graph(&mut self, stages_node: &Node, decls: &[StageDecl]) -> bool {
+        let mut ok = true;
+        if let Some(cycle) = crate::dag::find_cycle(decls) {
+            let first = decls.iter().find(|d| d.name == cycle[0]).expect("cycle names a stage");
+            let mut shown = cycle.clone();
+            shown.push(cycle[0].clone());
+            self.push(
+                first.pos,
+                &format!("stages.{}.needs", first.name),
+                format!("dependency cycle: {}", shown.iter().map(|s| format!("`{s}`")).collect::<Vec<_>>().join(" -> ")),
+            );
+            return false;
+        }
+        for d in decls {
+            if d.for_each == Some(ForEach::Group) {
+                match crate::dag::allocation_of(decls, &d.name) {
+                    Ok(_) => {}
+                    Err(msg) => {
+                        let pos = stages_node
+                            .get(&d.name)
+                            .and_then(|b| b.entry("for_each"))
+                            .map(|(k, _)| k.pos)
+                            .unwrap_or(d.pos);
+                        self.push(pos, &format!("stages.{}.for_each", d.name), msg);
+                        ok = false;
+                    }
+                }
+            }
+        }
+        ok
+    }
+}
+
+fn is_stage_name(s: &str) -> bool {
+    let mut chars = s.chars();
+    chars.next().is_some_and(|c| c.is_ascii_alphabetic())
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
+fn join(prefix: &str, rest: &str) -> String {
+    match (prefix.is_empty(), rest.is_empty()) {
+        (true, _) => rest.to_string(),
+        (_, true) => prefix.to_string(),
+        _ => format!("{prefix}.{rest}"),
+    }
+}
+
+fn quoted(names: &[&str]) -> String {
+    names.iter().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ")
+}
+
+fn unknown_key(key: &str, expected: &[&str]) -> String {
+    let mut msg = format!("unknown field `{key}`, expected one of {}", quoted(expected));
+    if let Some(s) = closest(key, expected.iter().copied()) {
+        msg.push_str(&format!("\nhint: did you mean `{s}`?"));
+    }
+    msg
+}
+
+/// The candidate within edit distance 2 of `word`, if any.
+fn closest<'a>(word: &str, candidates: impl Iterator<Item = &'a str>) -> Option<&'a str> {
+    candidates
+        .map(|c| (levenshtein(word, c), c))
+        .filter(|(d, _)| *d <= 2)
+        .min()
+        .map(|(_, c)| c)
+}
+
+fn levenshtein(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let sub = prev[j] + usize::from(ca != *cb);
+            cur.push(sub.min(prev[j + 1] + 1).min(cur[j] + 1));
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+/// Top-level property names of `T`'s JSON schema.
+pub(crate) fn schema_properties<T: JsonSchema>() -> Vec<String> {
+    let schema = schemars::schema_for!(T);
+    schema
+        .get("properties")
+        .and_then(Value::as_object)
+        .map(|o| o.keys().cloned().collect())
+        .unwrap_or_default()
+}
+
+fn segments(path: &serde_path_to_error::Path) -> Vec<String> {
+    use serde_path_to_error::Segment;
+    path.iter()
+        .filter_map(|s| match s {
+            Segment::Seq { index } => Some(index.to_string()),
+            Segment::Map { key } => Some(key.clone()),
+            Segment::Enum { .. } | Segment::Unknown => None,
+        })
+        .collect()
+}
+
+fn clean_serde_message(m: &str) -> String {
+    m.replace("invalid type: ", "expected ")
+        .replace(", expected ", ", expected ")
+        .replace("integer `", "`")
+}
+
+/// Removes the entry at `segs` from a JSON value; false if there is nothing to remove.
+fn remove_path(value: &mut Value, segs: &[String]) -> bool {
+    let (last, parents) = segs.split_last().expect("non-empty");
+    let mut v = value;
+    for s in parents {
+        v = match v {
+            Value::Object(o) => match o.get_mut(s) {
+                Some(x) => x,
+                None => return false,
+            },
+            Value::Array(a) => match s.parse::<usize>().ok().and_then(|i| a.get_mut(i)) {
+                Some(x) => x,
+                None => return false,
+            },
+            _ => return false,
+        };
+    }
+    match v {
+        Value::Object(o) => o.remove(last).is_some(),
+        Value::Array(a) => match last.parse::<usize>() {
+            Ok(i) if i < a.len() => {
+                a.remove(i);
+                true
+            }
+            _ => false,
+        },
+        _ => false,
+    }
+}
+
+/// Flattens a JSON object into dotted paths (`proxy.kind`), keeping arrays as values.
+pub fn flatten(prefix: &str, value: &Value, out: &mut BTreeMap<String, Value>) {
+    match value {
+        Value::Object(o) => {
+            for (k, v) in o {
+                flatten(&join(prefix, k), v, out);
+            }
+        }
+        other => {
+            out.insert(prefix.to_string(), other.clone());
+        }
+    }
+}

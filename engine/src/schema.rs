@@ -1,0 +1,69 @@
+//! The manifest's JSON Schema (`progdiff schema`), for editors: with
+//! `# yaml-language-server: $schema=progdiff.schema.json` at the top of a manifest,
+//! yaml-language-server completes keys and flags mistakes as they are typed.
+
+use progdiff_stages::config::{DiffusionConfig, ModelConfig};
+use schemars::generate::SchemaSettings;
+use serde_json::{Map, Value, json};
+
+use crate::kinds::StageParams;
+
+/// The JSON Schema (draft 2020-12) of a manifest.
+pub fn manifest_schema() -> Value {
+    let mut generator = SchemaSettings::draft2020_12().into_generator();
+    let model = generator.subschema_for::<ModelConfig>().to_value();
+    let diffusion = generator.subschema_for::<DiffusionConfig>().to_value();
+    let mut variants = Vec::new();
+    let mut defs: Map<String, Value> = Map::new();
+    for (kind, mut schema) in StageParams::schemas(&mut generator) {
+        // Hoist the kind's own definitions to the root.
+        if let Some(Value::Object(d)) = schema.as_object_mut().and_then(|o| o.remove("$defs")) {
+            defs.extend(d);
+        }
+        let obj = schema.as_object_mut().expect("struct schemas are objects");
+        obj.remove("$schema");
+        let props = obj.entry("properties").or_insert_with(|| json!({}));
+        let props = props.as_object_mut().expect("properties is an object");
+        props.insert("kind".into(), json!({ "const": kind }));
+        props.insert(
+            "needs".into(),
+            json!({
+                "description": "Stages this one needs (their outputs are its inputs).",
+                "anyOf": [ { "type": "string" }, { "type": "array", "items": { "type": "string" } } ]
+            }),
+        );
+        props.insert(
+            "for_each".into(),
+            json!({ "description": "`group`: one instance per timestep group of the upstream allocation.", "enum": ["group"] }),
+        );
+        let required = obj.entry("required").or_insert_with(|| json!([]));
+        if let Value::Array(r) = required {
+            r.push(json!("kind"));
+        }
+        obj.insert("additionalProperties".into(), json!(false));
+        obj.insert("title".into(), json!(format!("stage of kind `{kind}`")));
+        variants.push(schema);
+    }
+    for (k, v) in generator.take_definitions(true) {
+        defs.insert(k, v);
+    }
+    json!({
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": "progdiff manifest",
+        "type": "object",
+        "additionalProperties": false,
+        "required": ["stages"],
+        "properties": {
+            "name": { "type": "string", "description": "Experiment name (defaults to the file name)." },
+            "seed": { "type": "integer", "minimum": 0, "description": "Seed for every stage that draws random numbers." },
+            "model": model,
+            "diffusion": diffusion,
+            "stages": {
+                "type": "object",
+                "description": "Stages by name.",
+                "additionalProperties": { "oneOf": variants }
+            }
+        },
+        "$defs": defs,
+    })
+}
