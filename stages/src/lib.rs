@@ -9,4 +9,5 @@
 pub mod allocate;
 pub mod config;
 pub mod context;
+pub mod plot;
 pub mod schedule;
