@@ -10,4 +10,5 @@ pub mod allocate;
 pub mod command;
 pub mod config;
 pub mod context;
+pub mod plot;
 pub mod schedule;
