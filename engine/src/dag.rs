@@ -75,7 +75,10 @@ pub fn find_cycle(decls: &[StageDecl]) -> Option<Vec<String>> {
 pub fn allocation_of<'a>(decls: &'a [StageDecl], stage: &str) -> Result<&'a StageDecl, String> {
     let by_name: HashMap<&str, &StageDecl> = decls.iter().map(|d| (d.name.as_str(), d)).collect();
     let mut seen = BTreeSet::new();
-    let mut stack: Vec<&str> = by_name.get(stage).map(|d| d.needs.iter().map(String::as_str).collect()).unwrap_or_default();
+    let mut stack: Vec<&str> = by_name
+        .get(stage)
+        .map(|d| d.needs.iter().map(String::as_str).collect())
+        .unwrap_or_default();
     let mut found: Vec<&StageDecl> = Vec::new();
     while let Some(n) = stack.pop() {
         if !seen.insert(n) {
@@ -155,7 +158,12 @@ impl Dag {
                 None => {
                     let deps = make_deps(&instances, None);
                     mine.push(instances.len());
-                    instances.push(Instance { id: decl.name.clone(), stage: si, group: None, deps });
+                    instances.push(Instance {
+                        id: decl.name.clone(),
+                        stage: si,
+                        group: None,
+                        deps,
+                    });
                 }
             }
             of_stage.insert(si, mine);

@@ -126,11 +126,8 @@ pub fn run(
     let mut outcomes: Vec<Option<StageOutcome>> = vec![None; n];
     let jobs = opts.jobs.max(1);
     // Device slots: cpu is shared by every job, each GPU takes one instance at a time.
-    let mut free: Vec<(String, usize)> = opts
-        .devices
-        .iter()
-        .map(|d| (d.clone(), if d == "cpu" { jobs } else { 1 }))
-        .collect();
+    let mut free: Vec<(String, usize)> =
+        opts.devices.iter().map(|d| (d.clone(), if d == "cpu" { jobs } else { 1 })).collect();
     let mut running = 0usize;
     let (tx, rx) = mpsc::channel::<(usize, String, StageOutcome)>();
 
@@ -142,7 +139,9 @@ pub fn run(
                     if running >= jobs {
                         break;
                     }
-                    if state[i] != State::Pending || !deps[i].iter().all(|&d| state[d] == State::Done) {
+                    if state[i] != State::Pending
+                        || !deps[i].iter().all(|&d| state[d] == State::Done)
+                    {
                         continue;
                     }
                     let Some(slot) = free.iter_mut().find(|(_, c)| *c > 0) else { break };
@@ -150,15 +149,27 @@ pub fn run(
                     let device = slot.0.clone();
                     state[i] = State::Running;
                     running += 1;
-                    let inputs: Vec<&PlannedStage> = deps[i].iter().map(|&d| &plan.stages[d]).collect();
+                    let inputs: Vec<&PlannedStage> =
+                        deps[i].iter().map(|&d| &plan.stages[d]).collect();
                     let input_outputs: Vec<BTreeMap<String, PathBuf>> = deps[i]
                         .iter()
-                        .map(|&d| outcomes[d].as_ref().map(|o| o.outputs.clone()).unwrap_or_default())
+                        .map(|&d| {
+                            outcomes[d].as_ref().map(|o| o.outputs.clone()).unwrap_or_default()
+                        })
                         .collect();
                     let tx = tx.clone();
                     let stage = &plan.stages[i];
                     scope.spawn(move || {
-                        let outcome = execute(m, stage, &inputs, &input_outputs, cache, &device, opts, cancel);
+                        let outcome = execute(
+                            m,
+                            stage,
+                            &inputs,
+                            &input_outputs,
+                            cache,
+                            &device,
+                            opts,
+                            cancel,
+                        );
                         let _ = tx.send((i, device, outcome));
                     });
                 }
@@ -209,7 +220,8 @@ pub fn run(
         .collect();
     let mut counts = BTreeMap::new();
     for s in &stages {
-        let name = serde_json::to_value(s.status).expect("status").as_str().unwrap_or("").to_string();
+        let name =
+            serde_json::to_value(s.status).expect("status").as_str().unwrap_or("").to_string();
         *counts.entry(name).or_insert(0) += 1;
     }
     RunSummary { manifest: m.name.clone(), stages, counts, interrupted }
@@ -323,7 +335,8 @@ fn execute_inner(
     tracing::info!(stage = %stage.id, key = %stage.key.short(), device, "running");
     let started_at = SystemTime::now();
     let t0 = Instant::now();
-    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| decl.params.run(m, &ctx)));
+    let result =
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| decl.params.run(m, &ctx)));
     match result {
         Ok(Ok(())) => {}
         Ok(Err(e)) => return Err(e),

@@ -47,7 +47,11 @@ impl Fingerprint {
 
     /// Human-readable reasons why `self` differs from an earlier fingerprint `old` of the same
     /// stage instance. `upstream_cause` gives, for an upstream id, the root cause of its change.
-    pub fn diff(&self, old: &Fingerprint, upstream_cause: &dyn Fn(&str) -> Option<String>) -> Vec<String> {
+    pub fn diff(
+        &self,
+        old: &Fingerprint,
+        upstream_cause: &dyn Fn(&str) -> Option<String>,
+    ) -> Vec<String> {
         let mut reasons = Vec::new();
         if old.format != self.format {
             reasons.push(format!("cache key format {} -> {}", old.format, self.format));
@@ -55,7 +59,10 @@ impl Fingerprint {
         if old.kind != self.kind {
             reasons.push(format!("kind `{}` -> `{}`", old.kind, self.kind));
         } else if old.version != self.version {
-            reasons.push(format!("`{}` implementation {} -> {}", self.kind, old.version, self.version));
+            reasons.push(format!(
+                "`{}` implementation {} -> {}",
+                self.kind, old.version, self.version
+            ));
         }
         for (k, v) in &self.params {
             match old.params.get(k) {
@@ -108,7 +115,8 @@ fn show(v: &Value) -> String {
 pub fn canonical(v: &Value) -> Value {
     match v {
         Value::Object(o) => {
-            let sorted: BTreeMap<&String, Value> = o.iter().map(|(k, v)| (k, canonical(v))).collect();
+            let sorted: BTreeMap<&String, Value> =
+                o.iter().map(|(k, v)| (k, canonical(v))).collect();
             Value::Object(sorted.into_iter().map(|(k, v)| (k.clone(), v)).collect())
         }
         Value::Array(a) => Value::Array(a.iter().map(canonical).collect()),
@@ -162,7 +170,10 @@ mod tests {
     #[test]
     fn nested_objects_are_sorted() {
         let v = json!({"b": {"y": 1, "x": 2}, "a": [ {"d": 1, "c": 2} ]});
-        assert_eq!(serde_json::to_string(&canonical(&v)).unwrap(), r#"{"a":[{"c":2,"d":1}],"b":{"x":2,"y":1}}"#);
+        assert_eq!(
+            serde_json::to_string(&canonical(&v)).unwrap(),
+            r#"{"a":[{"c":2,"d":1}],"b":{"x":2,"y":1}}"#
+        );
     }
 
     #[test]
@@ -171,10 +182,14 @@ mod tests {
         let mut new = fp();
         new.params.insert("allocate.k".into(), json!(0.3));
         new.upstream.insert("base".into(), "cd".repeat(32));
-        let reasons = new.diff(&old, &|id| (id == "base").then(|| "`base.steps` 1 -> 2".to_string()));
+        let reasons =
+            new.diff(&old, &|id| (id == "base").then(|| "`base.steps` 1 -> 2".to_string()));
         assert_eq!(
             reasons,
-            vec!["`allocate.k` 0.5 -> 0.3".to_string(), "upstream `base` changed (`base.steps` 1 -> 2)".to_string()]
+            vec![
+                "`allocate.k` 0.5 -> 0.3".to_string(),
+                "upstream `base` changed (`base.steps` 1 -> 2)".to_string()
+            ]
         );
         assert!(fp().diff(&old, &|_| None).is_empty());
     }

@@ -63,7 +63,11 @@ impl StageParams {
                 let pos = body.get("kind").map(|n| n.pos).unwrap_or(body.pos);
                 let names =
                     Self::KINDS.iter().map(|k| format!("`{k}`")).collect::<Vec<_>>().join(", ");
-                cx.push_at(pos, &format!("{prefix}.kind"), format!("unknown stage kind `{other}`, expected one of {names}"));
+                cx.push_at(
+                    pos,
+                    &format!("{prefix}.kind"),
+                    format!("unknown stage kind `{other}`, expected one of {names}"),
+                );
                 None
             }
         }

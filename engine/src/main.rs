@@ -134,7 +134,8 @@ fn main() -> ExitCode {
 
 fn is_broken_pipe(e: &anyhow::Error) -> bool {
     e.chain().any(|c| {
-        c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
     })
 }
 
@@ -151,6 +152,7 @@ fn init_logging(quiet: bool, verbose: bool) {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .without_time()
         .try_init();
@@ -170,7 +172,12 @@ fn real_main(cli: Cli) -> anyhow::Result<u8> {
                 match Manifest::load(path) {
                     Ok(m) => {
                         let dag = Dag::build(&m);
-                        writeln!(out, "{}: ok ({} stage instances)", path.display(), dag.instances.len())?;
+                        writeln!(
+                            out,
+                            "{}: ok ({} stage instances)",
+                            path.display(),
+                            dag.instances.len()
+                        )?;
                     }
                     Err(e) => {
                         failed = true;
@@ -315,7 +322,11 @@ fn cache_command(cli: &Cli, cmd: &CacheCommand, out: &mut impl Write) -> anyhow:
                 r.objects_kept
             )?;
             if !r.skipped_locked.is_empty() {
-                writeln!(out, "left {} keys alone: a running stage holds them", r.skipped_locked.len())?;
+                writeln!(
+                    out,
+                    "left {} keys alone: a running stage holds them",
+                    r.skipped_locked.len()
+                )?;
             }
             Ok(0)
         }
@@ -332,15 +343,29 @@ fn print_verify(out: &mut impl Write, r: &progdiff_cache::VerifyReport) -> anyho
     )?;
     for c in &r.corrupt_objects {
         match (&c.actual, &c.error) {
-            (Some(actual), _) => writeln!(out, "corrupt object `{}`: content hashes to {actual}", c.path.display())?,
-            (None, e) => writeln!(out, "unreadable object `{}`: {}", c.path.display(), e.as_deref().unwrap_or(""))?,
+            (Some(actual), _) => {
+                writeln!(out, "corrupt object `{}`: content hashes to {actual}", c.path.display())?
+            }
+            (None, e) => writeln!(
+                out,
+                "unreadable object `{}`: {}",
+                c.path.display(),
+                e.as_deref().unwrap_or("")
+            )?,
         }
     }
     for b in &r.bad_records {
         writeln!(out, "bad record `{}`: {}", b.path.display(), b.reason)?;
     }
     for m in &r.missing_objects {
-        writeln!(out, "record of `{}` ({}) names missing object {} for output `{}`", m.id, m.key.short(), m.digest, m.output)?;
+        writeln!(
+            out,
+            "record of `{}` ({}) names missing object {} for output `{}`",
+            m.id,
+            m.key.short(),
+            m.digest,
+            m.output
+        )?;
     }
     for t in &r.stale_tmp {
         writeln!(out, "stale temp entry `{}`", t.display())?;
@@ -348,7 +373,15 @@ fn print_verify(out: &mut impl Write, r: &progdiff_cache::VerifyReport) -> anyho
     for t in &r.stray_files {
         writeln!(out, "stray file `{}`", t.display())?;
     }
-    writeln!(out, "{}", if r.is_clean() { "cache is consistent" } else { "cache has problems (`progdiff cache verify --delete-corrupt` removes them)" })?;
+    writeln!(
+        out,
+        "{}",
+        if r.is_clean() {
+            "cache is consistent"
+        } else {
+            "cache has problems (`progdiff cache verify --delete-corrupt` removes them)"
+        }
+    )?;
     Ok(())
 }
 
@@ -377,7 +410,12 @@ fn print_plan(out: &mut impl Write, p: &Plan) -> anyhow::Result<()> {
         writeln!(out)?;
     }
     let to_run = p.to_run();
-    write!(out, "{} stage instances: {} cached, {to_run} to run", p.stages.len(), p.stages.len() - to_run)?;
+    write!(
+        out,
+        "{} stage instances: {} cached, {to_run} to run",
+        p.stages.len(),
+        p.stages.len() - to_run
+    )?;
     let known: Vec<f64> = p
         .stages
         .iter()
@@ -385,7 +423,12 @@ fn print_plan(out: &mut impl Write, p: &Plan) -> anyhow::Result<()> {
         .filter_map(|s| s.last_duration_s)
         .collect();
     if !known.is_empty() {
-        write!(out, " (last runs of {} of them took {:.1}s)", known.len(), known.iter().sum::<f64>())?;
+        write!(
+            out,
+            " (last runs of {} of them took {:.1}s)",
+            known.len(),
+            known.iter().sum::<f64>()
+        )?;
     }
     writeln!(out)?;
     Ok(())

@@ -102,7 +102,8 @@ pub fn plan(m: &Manifest, dag: &Dag, cache: &Cache) -> anyhow::Result<Plan> {
             inputs,
         };
         let key = fingerprint.key();
-        let record = cache.record(&key)?.filter(|r| r.outputs.values().all(|o| cache.has_object(&o.digest)));
+        let record =
+            cache.record(&key)?.filter(|r| r.outputs.values().all(|o| cache.has_object(&o.digest)));
         let previous = match cache.get_ref(&ns, &inst.id)? {
             Some(prev) => cache.record(&prev)?,
             None => None,

@@ -64,7 +64,9 @@ impl CommandParams {
             if o.is_empty() || o.contains('/') || o == "." || o == ".." || o == LOG_FILE {
                 errs.push(FieldError {
                     path: vec!["outputs".into(), i.to_string()],
-                    message: format!("must be a plain file name other than `{LOG_FILE}`, got `{o}`"),
+                    message: format!(
+                        "must be a plain file name other than `{LOG_FILE}`, got `{o}`"
+                    ),
                 });
             }
         }
@@ -74,8 +76,10 @@ impl CommandParams {
 
 /// Sanitises an instance id or output name for an environment variable name.
 pub fn env_name(s: &str) -> String {
-    let mut out: String =
-        s.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_uppercase() } else { '_' }).collect();
+    let mut out: String = s
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_uppercase() } else { '_' })
+        .collect();
     while out.ends_with('_') {
         out.pop();
     }
@@ -198,7 +202,8 @@ mod tests {
         let p = CommandParams { run: "echo boom >&2; exit 3".into(), ..Default::default() };
         let e = run(&c, &p, dir.path()).unwrap_err().to_string();
         assert!(e.contains("boom") && e.contains("exit status: 3"), "{e}");
-        let p = CommandParams { run: "true".into(), outputs: vec!["x".into()], ..Default::default() };
+        let p =
+            CommandParams { run: "true".into(), outputs: vec!["x".into()], ..Default::default() };
         let e = run(&c, &p, dir.path()).unwrap_err().to_string();
         assert!(e.contains("declared output `x`"), "{e}");
     }

@@ -66,7 +66,7 @@ impl ModelConfig {
                 format!("must be 1 or 3, got {}", self.in_channels),
             ));
         }
-        if self.channels == 0 || self.channels % 32 != 0 {
+        if self.channels == 0 || !self.channels.is_multiple_of(32) {
             errs.push(FieldError::at(
                 "channels",
                 format!(
@@ -91,7 +91,7 @@ impl ModelConfig {
             ));
         }
         let levels = self.channel_mult.len();
-        if levels > 0 && self.image_size % (1 << (levels - 1)) != 0 {
+        if levels > 0 && !self.image_size.is_multiple_of(1 << (levels - 1)) {
             errs.push(FieldError::at(
                 "image_size",
                 format!(
@@ -153,6 +153,15 @@ impl DiffusionConfig {
         let mut errs = Vec::new();
         if self.steps == 0 {
             errs.push(FieldError::at("steps", "must be at least 1, got 0"));
+        } else if self.schedule == NoiseSchedule::Linear && self.steps <= 20 {
+            // The linear schedule's last beta is 0.02 * 1000 / T, which reaches 1 at T = 20.
+            errs.push(FieldError::at(
+                "steps",
+                format!(
+                    "the linear schedule needs more than 20 steps (its last beta is 20/T), got {}",
+                    self.steps
+                ),
+            ));
         }
         errs
     }

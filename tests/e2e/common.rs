@@ -35,7 +35,10 @@ impl Project {
     /// `progdiff <args>` in the project directory with the project's cache.
     pub fn cmd(&self, args: &[&str]) -> Command {
         let mut c = Command::new(env!("CARGO_BIN_EXE_progdiff"));
-        c.args(args).current_dir(self.path()).env("PROGDIFF_CACHE_DIR", self.cache()).env_remove("PROGDIFF_LOG");
+        c.args(args)
+            .current_dir(self.path())
+            .env("PROGDIFF_CACHE_DIR", self.cache())
+            .env_remove("PROGDIFF_LOG");
         c
     }
 
@@ -71,7 +74,12 @@ pub fn stage_rows(v: &serde_json::Value) -> Vec<(String, String, Vec<String>)> {
             (
                 s["id"].as_str().unwrap().to_string(),
                 s["status"].as_str().unwrap().to_string(),
-                s["reasons"].as_array().unwrap().iter().map(|r| r.as_str().unwrap().to_string()).collect(),
+                s["reasons"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|r| r.as_str().unwrap().to_string())
+                    .collect(),
             )
         })
         .collect()

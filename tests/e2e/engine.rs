@@ -63,7 +63,12 @@ fn run_json_lists_outputs_in_the_cache() {
     let all = std::fs::read_to_string(gather["outputs"]["all.txt"].as_str().unwrap()).unwrap();
     assert_eq!(all, "seed 0\ngroup 0\nseed 0\ngroup 1\nseed 0\ngroup 2\nseed 0\ngroup 3\n");
     let alloc = v["stages"].as_array().unwrap().iter().find(|s| s["id"] == "allocate").unwrap();
-    assert!(alloc["outputs"]["allocation.json"].as_str().unwrap().starts_with(p.cache().to_str().unwrap()));
+    assert!(
+        alloc["outputs"]["allocation.json"]
+            .as_str()
+            .unwrap()
+            .starts_with(p.cache().to_str().unwrap())
+    );
 }
 
 #[test]
@@ -95,7 +100,7 @@ fn two_concurrent_runs_compute_every_stage_once() {
     let p = Project::new();
     let log = p.path().join("calls.log");
     let text = format!(
-        "diffusion: {{ steps: 20 }}
+        "diffusion: {{ steps: 40 }}
 stages:
   base: {{ kind: command, run: 'echo base >> {log}; sleep 0.3; echo b > $PROGDIFF_OUT/b' }}
   allocate: {{ kind: snr-allocate, groups: 3 }}
@@ -105,12 +110,17 @@ stages:
     );
     p.write("m.yaml", &text);
     let spawn = || {
-        p.cmd(&["run", "--json", "--jobs", "2", "m.yaml"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap()
+        p.cmd(&["run", "--json", "--jobs", "2", "m.yaml"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
     };
     let (a, b) = (spawn(), spawn());
     let (a, b) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
     assert!(a.status.success() && b.status.success(), "{}\n{}", stderr(&a), stderr(&b));
-    let mut calls: Vec<String> = std::fs::read_to_string(&log).unwrap().lines().map(String::from).collect();
+    let mut calls: Vec<String> =
+        std::fs::read_to_string(&log).unwrap().lines().map(String::from).collect();
     calls.sort();
     assert_eq!(calls, vec!["base", "g0", "g1", "g2"]);
     // Between them, each instance ran once and was a hit once.
@@ -143,7 +153,8 @@ fn kill_9_mid_stage_leaves_a_consistent_cache_and_the_rerun_completes() {
         gate = gate.display()
     );
     p.write("m.yaml", &text);
-    let mut child = p.cmd(&["run", "m.yaml"]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let mut child =
+        p.cmd(&["run", "m.yaml"]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
     let t = Instant::now();
     while !started.exists() {
         assert!(t.elapsed() < Duration::from_secs(30), "stage never started");
@@ -192,7 +203,9 @@ fn gc_keeps_what_the_manifest_reaches() {
     assert!(p.run(&["run", "m.yaml"]).status.success());
     p.write("m.yaml", &FANOUT.replace("k: 0.5", "k: 0.3"));
     assert!(p.run(&["run", "m.yaml"]).status.success());
-    let records = |p: &Project| stdout(&p.run(&["cache", "ls"])).lines().filter(|l| !l.ends_with("records")).count();
+    let records = |p: &Project| {
+        stdout(&p.run(&["cache", "ls"])).lines().filter(|l| !l.ends_with("records")).count()
+    };
     // base once, everything downstream of `allocate` twice
     assert_eq!(records(&p), 1 + 2 * (1 + 4 + 1));
     let out = p.run(&["cache", "gc", "--dry-run", "m.yaml"]);

@@ -28,9 +28,20 @@ fn three_mistakes_are_all_reported_with_positions() {
     let err = stderr(&out);
     let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("m.yaml:")).collect();
     assert_eq!(lines.len(), 3, "{err}");
-    assert!(lines[0].starts_with("m.yaml:5:3: `model.chanel_mult`: unknown field `chanel_mult`, expected one of"), "{err}");
-    assert!(lines[1].starts_with("m.yaml:7:46: `stages.allocate.k`: must be in (0, 1], got 1.5"), "{err}");
-    assert!(lines[2].starts_with("m.yaml:10:13: `stages.per_group.needs`: unknown stage `allocte`"), "{err}");
+    assert!(
+        lines[0].starts_with(
+            "m.yaml:5:3: `model.chanel_mult`: unknown field `chanel_mult`, expected one of"
+        ),
+        "{err}"
+    );
+    assert!(
+        lines[1].starts_with("m.yaml:7:46: `stages.allocate.k`: must be in (0, 1], got 1.5"),
+        "{err}"
+    );
+    assert!(
+        lines[2].starts_with("m.yaml:10:13: `stages.per_group.needs`: unknown stage `allocte`"),
+        "{err}"
+    );
     assert!(err.contains("hint: did you mean `channel_mult`?"), "{err}");
     assert!(err.contains("hint: did you mean `allocate`?"), "{err}");
 }
@@ -46,17 +57,30 @@ fn graph_errors_name_the_problem() {
             "stages:\n  a: { kind: command, run: 'true', for_each: group }\n",
             "`for_each: group` needs an `snr-allocate` stage",
         ),
-        ("diffusion: { steps: 0 }\nstages:\n  a: { kind: command, run: 'true' }\n", "must be at least 1, got 0"),
         (
-            "diffusion: { steps: 5 }\nstages:\n  a: { kind: snr-allocate, groups: 6 }\n",
+            "diffusion: { steps: 0 }\nstages:\n  a: { kind: command, run: 'true' }\n",
+            "must be at least 1, got 0",
+        ),
+        (
+            "diffusion: { steps: 5, schedule: cosine }\nstages:\n  a: { kind: snr-allocate, groups: 6 }\n",
             "`stages.a.groups`",
         ),
         ("stages:\n  a: { kind: snr-allocate, k: 0 }\n", "must be in (0, 1], got 0"),
+        (
+            "diffusion: { steps: 20 }\nstages:\n  a: { kind: snr-allocate, groups: 2 }\n",
+            "needs more than 20 steps",
+        ),
         ("stages:\n  a: { kind: trian }\n", "unknown stage kind `trian`, expected one of"),
         ("stages:\n  a: { kind: command, run: 'true', needs: a }\n", "cannot need itself"),
         ("stages: {}\n", "declares no stage"),
-        ("seed: -1\nstages:\n  a: { kind: command, run: 'true' }\n", "must be a non-negative integer"),
-        ("stages:\n  a: { kind: snr-allocate, groups: many }\n", "`stages.a.groups`: expected string \"many\""),
+        (
+            "seed: -1\nstages:\n  a: { kind: command, run: 'true' }\n",
+            "must be a non-negative integer",
+        ),
+        (
+            "stages:\n  a: { kind: snr-allocate, groups: many }\n",
+            "`stages.a.groups`: expected string \"many\"",
+        ),
         ("sweeps: 1\nstages:\n  a: { kind: command, run: 'true' }\n", "unknown field `sweeps`"),
         ("a: [1, 2\n", "invalid YAML"),
         ("- 1\n- 2\n", "a manifest is a mapping"),
@@ -71,8 +95,13 @@ fn graph_errors_name_the_problem() {
 
 #[test]
 fn defaults_are_filled() {
-    let m = Manifest::parse("stages:\n  a: { kind: snr-allocate }\n", "m.yaml", std::path::Path::new("."), "stem")
-        .unwrap();
+    let m = Manifest::parse(
+        "stages:\n  a: { kind: snr-allocate }\n",
+        "m.yaml",
+        std::path::Path::new("."),
+        "stem",
+    )
+    .unwrap();
     assert_eq!(m.name, "stem");
     assert_eq!(m.seed, 0);
     assert_eq!(m.diffusion.steps, 1000);

@@ -215,7 +215,11 @@ impl Cx {
             Some(n) => match &n.kind {
                 NodeKind::Str(s) if !s.trim().is_empty() => Some(s.clone()),
                 _ => {
-                    self.push(n.pos, "name", format!("must be a non-empty string, found {}", n.type_name()));
+                    self.push(
+                        n.pos,
+                        "name",
+                        format!("must be a non-empty string, found {}", n.type_name()),
+                    );
                     None
                 }
             },
@@ -231,7 +235,8 @@ impl Cx {
             },
         };
         let model = self.section::<ModelConfig>(root, "model", ModelConfig::validate);
-        let diffusion = self.section::<DiffusionConfig>(root, "diffusion", DiffusionConfig::validate);
+        let diffusion =
+            self.section::<DiffusionConfig>(root, "diffusion", DiffusionConfig::validate);
         let stages = self.stages(root, diffusion.as_ref());
         Some(Manifest {
             file: self.file.clone(),
@@ -309,13 +314,25 @@ impl Cx {
         None
     }
 
-    fn stages(&mut self, root: &Node, diffusion: Option<&DiffusionConfig>) -> Option<Vec<StageDecl>> {
+    fn stages(
+        &mut self,
+        root: &Node,
+        diffusion: Option<&DiffusionConfig>,
+    ) -> Option<Vec<StageDecl>> {
         let Some(node) = root.get("stages") else {
-            self.push(root.pos, "stages", "missing `stages`: a manifest declares at least one stage");
+            self.push(
+                root.pos,
+                "stages",
+                "missing `stages`: a manifest declares at least one stage",
+            );
             return None;
         };
         let NodeKind::Map(entries) = &node.kind else {
-            self.push(node.pos, "stages", format!("must be a mapping of stage names, found {}", node.type_name()));
+            self.push(
+                node.pos,
+                "stages",
+                format!("must be a mapping of stage names, found {}", node.type_name()),
+            );
             return None;
         };
         if entries.is_empty() {
@@ -354,17 +371,29 @@ impl Cx {
     ) -> Option<StageDecl> {
         let prefix = format!("stages.{name}");
         if !matches!(body.kind, NodeKind::Map(_)) {
-            self.push(body.pos, &prefix, format!("a stage is a mapping, found {}", body.type_name()));
+            self.push(
+                body.pos,
+                &prefix,
+                format!("a stage is a mapping, found {}", body.type_name()),
+            );
             return None;
         }
         let kind = match body.get("kind") {
             Some(Node { kind: NodeKind::Str(s), .. }) => s.clone(),
             Some(n) => {
-                self.push(n.pos, &format!("{prefix}.kind"), format!("must be a string, found {}", n.type_name()));
+                self.push(
+                    n.pos,
+                    &format!("{prefix}.kind"),
+                    format!("must be a string, found {}", n.type_name()),
+                );
                 return None;
             }
             None => {
-                self.push(pos, &prefix, format!("missing `kind`, expected one of {}", quoted(StageParams::KINDS)));
+                self.push(
+                    pos,
+                    &prefix,
+                    format!("missing `kind`, expected one of {}", quoted(StageParams::KINDS)),
+                );
                 return None;
             }
         };
@@ -387,7 +416,11 @@ impl Cx {
                     (v.len() == items.len()).then_some(v)
                 }
                 _ => {
-                    self.push(n.pos, &format!("{prefix}.needs"), "must be a stage name or a list of them");
+                    self.push(
+                        n.pos,
+                        &format!("{prefix}.needs"),
+                        "must be a stage name or a list of them",
+                    );
                     None
                 }
             },
@@ -401,7 +434,13 @@ impl Cx {
             }
         };
         let params = StageParams::parse(self, &kind, body, &prefix, diffusion);
-        Some(StageDecl { name: name.to_string(), needs: needs?, for_each: for_each?, params: params?, pos })
+        Some(StageDecl {
+            name: name.to_string(),
+            needs: needs?,
+            for_each: for_each?,
+            params: params?,
+            pos,
+        })
     }
 
     /// Every name in `needs` is a declared stage other than the one needing it. Works on the raw
@@ -444,7 +483,10 @@ impl Cx {
             self.push(
                 first.pos,
                 &format!("stages.{}.needs", first.name),
-                format!("dependency cycle: {}", shown.iter().map(|s| format!("`{s}`")).collect::<Vec<_>>().join(" -> ")),
+                format!(
+                    "dependency cycle: {}",
+                    shown.iter().map(|s| format!("`{s}`")).collect::<Vec<_>>().join(" -> ")
+                ),
             );
             return false;
         }
@@ -496,11 +538,7 @@ fn unknown_key(key: &str, expected: &[&str]) -> String {
 
 /// The candidate within edit distance 2 of `word`, if any.
 fn closest<'a>(word: &str, candidates: impl Iterator<Item = &'a str>) -> Option<&'a str> {
-    candidates
-        .map(|c| (levenshtein(word, c), c))
-        .filter(|(d, _)| *d <= 2)
-        .min()
-        .map(|(_, c)| c)
+    candidates.map(|c| (levenshtein(word, c), c)).filter(|(d, _)| *d <= 2).min().map(|(_, c)| c)
 }
 
 fn levenshtein(a: &str, b: &str) -> usize {

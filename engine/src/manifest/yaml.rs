@@ -83,7 +83,9 @@ impl Node {
     /// The key and value at `key` of a mapping node.
     pub fn entry(&self, key: &str) -> Option<(&Key, &Node)> {
         match &self.kind {
-            NodeKind::Map(entries) => entries.iter().find(|(k, _)| k.name == key).map(|(k, v)| (k, v)),
+            NodeKind::Map(entries) => {
+                entries.iter().find(|(k, _)| k.name == key).map(|(k, v)| (k, v))
+            }
             _ => None,
         }
     }
@@ -115,13 +117,15 @@ impl Node {
                     }
                     None => return pos,
                 },
-                NodeKind::Seq(items) => match seg.parse::<usize>().ok().and_then(|i| items.get(i)) {
-                    Some(v) => {
-                        pos = v.pos;
-                        node = v;
+                NodeKind::Seq(items) => {
+                    match seg.parse::<usize>().ok().and_then(|i| items.get(i)) {
+                        Some(v) => {
+                            pos = v.pos;
+                            node = v;
+                        }
+                        None => return pos,
                     }
-                    None => return pos,
-                },
+                }
                 _ => return pos,
             }
         }
@@ -170,10 +174,11 @@ pub fn parse(text: &str) -> Result<Node, Vec<YamlError>> {
     if !errors.is_empty() {
         return Err(errors);
     }
-    Ok(builder.docs.into_iter().next().unwrap_or(Node {
-        pos: Pos { line: 1, col: 1 },
-        kind: NodeKind::Map(Vec::new()),
-    }))
+    Ok(builder
+        .docs
+        .into_iter()
+        .next()
+        .unwrap_or(Node { pos: Pos { line: 1, col: 1 }, kind: NodeKind::Map(Vec::new()) }))
 }
 
 enum Frame {
@@ -222,13 +227,17 @@ impl Builder {
                             self.errors.push(YamlError {
                                 pos: node.pos,
                                 path: path.clone(),
-                                message: format!("mapping keys must be scalars, found {}", node.type_name()),
+                                message: format!(
+                                    "mapping keys must be scalars, found {}",
+                                    node.type_name()
+                                ),
                             });
                             "<invalid key>".into()
                         }
                     };
                     if entries.iter().any(|(k, _)| k.name == name) {
-                        let full = if path.is_empty() { name.clone() } else { format!("{path}.{name}") };
+                        let full =
+                            if path.is_empty() { name.clone() } else { format!("{path}.{name}") };
                         self.errors.push(YamlError {
                             pos: node.pos,
                             path: full,
@@ -392,7 +401,8 @@ mod tests {
 
     #[test]
     fn scalars_follow_the_core_schema() {
-        let n = parse("a: 1.0e-4\nb: '1'\nc: ~\nd: true\ne: 0x10\nf: 1e3\ng: abc\nh: -7\n").unwrap();
+        let n =
+            parse("a: 1.0e-4\nb: '1'\nc: ~\nd: true\ne: 0x10\nf: 1e3\ng: abc\nh: -7\n").unwrap();
         assert_eq!(n.get("a").unwrap().kind, NodeKind::Float(1.0e-4));
         assert_eq!(n.get("b").unwrap().kind, NodeKind::Str("1".into()));
         assert_eq!(n.get("c").unwrap().kind, NodeKind::Null);

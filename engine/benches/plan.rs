@@ -1,0 +1,77 @@
+//! Benchmark: `plan` on a fully cached manifest of 200+ stage instances (`groups: 100`, two
+//! fanned-out stages), one of whose outputs is a 256 MiB "checkpoint". Planning must not re-hash
+//! cached outputs, so its time is independent of checkpoint sizes. Target: under 200 ms here.
+//!
+//! `cargo bench -p progdiff --bench plan`
+
+use std::time::Instant;
+
+use progdiff::dag::Dag;
+use progdiff::executor::{self, RunOptions};
+use progdiff::manifest::Manifest;
+use progdiff::plan::{self, PlanStatus};
+use progdiff_cache::Cache;
+use progdiff_stages::context::CancelToken;
+
+const MANIFEST: &str = "
+name: bench-plan
+diffusion: { steps: 1000, schedule: cosine }
+stages:
+  base:
+    kind: command
+    run: head -c 268435456 /dev/zero > $PROGDIFF_OUT/checkpoint.bin
+  allocate: { kind: snr-allocate, groups: 100, k: 0.5, schedule: increasing }
+  prune:
+    kind: command
+    needs: [base, allocate]
+    for_each: group
+    run: echo $PROGDIFF_GROUP > $PROGDIFF_OUT/pruned.txt
+  finetune:
+    kind: command
+    needs: prune
+    for_each: group
+    run: echo $PROGDIFF_GROUP > $PROGDIFF_OUT/finetuned.txt
+  eval:
+    kind: command
+    needs: finetune
+    run: echo done > $PROGDIFF_OUT/metrics.txt
+";
+
+fn main() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("bench.yaml");
+    std::fs::write(&path, MANIFEST).expect("write manifest");
+    let cache = Cache::open(dir.path().join("cache")).expect("cache");
+
+    let m = Manifest::load(&path).expect("valid manifest");
+    let dag = Dag::build(&m);
+    let p = plan::plan(&m, &dag, &cache).expect("plan");
+    let t = Instant::now();
+    let opts = RunOptions { jobs: 2, ..RunOptions::default() };
+    let summary = executor::run(&m, &p, &cache, &opts, &CancelToken::new());
+    assert!(summary.success(), "{summary:#?}");
+    println!(
+        "populated the cache: {} stage instances in {:.1}s",
+        dag.instances.len(),
+        t.elapsed().as_secs_f64()
+    );
+
+    let mut times = Vec::new();
+    for _ in 0..20 {
+        let t = Instant::now();
+        let m = Manifest::load(&path).expect("valid manifest");
+        let dag = Dag::build(&m);
+        let p = plan::plan(&m, &dag, &cache).expect("plan");
+        times.push(t.elapsed().as_secs_f64() * 1000.0);
+        assert!(p.stages.iter().all(|s| s.status == PlanStatus::Cached));
+        assert!(p.stages.len() >= 200);
+    }
+    times.sort_by(f64::total_cmp);
+    println!(
+        "plan (load + validate + expand + keys + cache lookups), {} instances, fully cached: median {:.1} ms, min {:.1} ms, max {:.1} ms (target < 200 ms)",
+        dag.instances.len(),
+        times[times.len() / 2],
+        times[0],
+        times[times.len() - 1]
+    );
+}
