@@ -10,3 +10,4 @@ pub mod allocate;
 pub mod config;
 pub mod context;
 pub mod schedule;
+pub mod unet;
