@@ -9,5 +9,6 @@
 pub mod allocate;
 pub mod config;
 pub mod context;
+pub mod cost;
 pub mod schedule;
 pub mod unet;
