@@ -7,6 +7,7 @@
 #![warn(missing_docs)]
 
 pub mod allocate;
+pub mod checkpoint;
 pub mod config;
 pub mod context;
 pub mod cost;
