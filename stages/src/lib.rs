@@ -7,8 +7,11 @@
 #![warn(missing_docs)]
 
 pub mod allocate;
+pub mod checkpoint;
 pub mod command;
 pub mod config;
 pub mod context;
+pub mod cost;
 pub mod plot;
 pub mod schedule;
+pub mod unet;
