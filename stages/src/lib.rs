@@ -9,4 +9,5 @@
 pub mod allocate;
 pub mod config;
 pub mod context;
+pub mod diffusion;
 pub mod schedule;
