@@ -20,7 +20,11 @@
 
 mod error;
 pub mod likelihood;
+mod process;
 pub mod respacing;
 
 pub use error::DiffusionError;
+pub use process::{
+    GaussianDiffusion, Losses, MeanVariance, Posterior, ProcessTables, VarianceKind, VbTerms,
+};
 pub use respacing::{Respacing, space_timesteps};
