@@ -20,11 +20,17 @@
 
 mod error;
 pub mod likelihood;
+pub mod noise;
 mod process;
 pub mod respacing;
+pub mod sampling;
 
 pub use error::DiffusionError;
+pub use noise::{FixedNoise, NoiseSource, SeededNoise, TorchNoise};
 pub use process::{
     GaussianDiffusion, Losses, MeanVariance, Posterior, ProcessTables, VarianceKind, VbTerms,
 };
 pub use respacing::{Respacing, space_timesteps};
+pub use sampling::{
+    SampleModel, SampleOptions, SampleStep, Sampler, StepProgress, to_uint8_images,
+};
