@@ -78,7 +78,7 @@ fn crash_leftover_in_tmp_is_never_an_object() {
     assert!(super::object_files(&cache).is_empty());
 
     let report = cache.verify().unwrap();
-    assert_eq!(report.stale_tmp, [leftover.clone()]);
+    assert_eq!(report.stale_tmp, std::slice::from_ref(&leftover));
     assert_eq!(report.objects_checked, 0);
     let gc = cache.gc(&Default::default(), false).unwrap();
     assert_eq!(gc.tmp_removed, 1);
