@@ -19,10 +19,8 @@ const RUNS: usize = 5;
 const B3SUM: &str = "/usr/bin/b3sum";
 
 fn main() {
-    let mib: u64 = std::env::var("PROGDIFF_BENCH_HASH_MIB")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1024);
+    let mib: u64 =
+        std::env::var("PROGDIFF_BENCH_HASH_MIB").ok().and_then(|v| v.parse().ok()).unwrap_or(1024);
     let dir = tempfile::tempdir().expect("temp dir");
     let path = dir.path().join("blob.bin");
     write_pseudo_random(&path, mib);
