@@ -45,7 +45,11 @@ impl Cache {
             .map_err(io_err("set permissions of", &temp))?;
         File::open(&temp).and_then(|f| f.sync_all()).map_err(io_err("sync", &temp))?;
         let dir = dest.parent().expect("cache paths have a parent");
-        fs::create_dir_all(dir).map_err(io_err("create directory", dir))?;
+        if !dir.is_dir() {
+            // A new shard directory: make its own entry durable too.
+            fs::create_dir_all(dir).map_err(io_err("create directory", dir))?;
+            sync_dir(dir.parent().expect("shard directories have a parent"))?;
+        }
         temp.persist(dest).map_err(|e| io_err("rename a temp file onto", dest)(e.error))?;
         sync_dir(dir)
     }

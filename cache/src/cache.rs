@@ -81,12 +81,12 @@ impl Cache {
     }
 }
 
+/// A sharded tree's scan: (digest, path) of well-named files, and everything else found.
+pub(crate) type ShardedScan = (Vec<(Digest, PathBuf)>, Vec<PathBuf>);
+
 /// Lists `<dir>/<ab>/<name>` files of a sharded tree whose name parses as a digest (after
 /// stripping `ext`) and sits in the right shard, and separately everything else found there.
-pub(crate) fn scan_sharded(
-    dir: &Path,
-    ext: &str,
-) -> Result<(Vec<(Digest, PathBuf)>, Vec<PathBuf>)> {
+pub(crate) fn scan_sharded(dir: &Path, ext: &str) -> Result<ShardedScan> {
     let mut found = Vec::new();
     let mut stray = Vec::new();
     for shard in read_dir_sorted(dir)? {

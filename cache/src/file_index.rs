@@ -99,7 +99,12 @@ fn inode(_meta: &Metadata) -> u64 {
 }
 
 impl Cache {
-    /// The content digest of an external file, memoised (see the [module docs](self)).
+    /// The content digest of an external file (a data set, an external checkpoint).
+    ///
+    /// Memoised in `index/files.json` by (canonical path, size, mtime in ns, inode): an
+    /// unchanged file is read once, not on every `plan`. Files modified less than
+    /// [`RACY_WINDOW`] before being hashed are not memoised, since on file systems with coarse
+    /// timestamps they could change again without their mtime moving.
     pub fn file_digest(&self, path: &Path) -> Result<Digest> {
         Ok(self.file_digest_info(path)?.digest)
     }

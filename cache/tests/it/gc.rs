@@ -1,0 +1,111 @@
+use std::collections::BTreeSet;
+use std::fs;
+use std::time::Duration;
+
+use progdiff_cache::{GcOptions, hash_bytes};
+
+use super::{age, cache, object_files, record};
+
+#[test]
+fn keeps_what_is_kept_and_removes_the_rest() {
+    let (d, cache) = cache();
+    let shared = cache.put_bytes(b"shared by a and c").unwrap();
+    let only_a = cache.put_bytes(b"only a").unwrap();
+    let only_b = cache.put_bytes(b"only b, 1234567").unwrap();
+    let loose = cache.put_bytes(b"no record at all").unwrap();
+    let a = record("a", &[("x", shared), ("y", only_a)]);
+    let b = record("b", &[("x", only_b)]);
+    let c = record("c", &[("x", shared)]);
+    for r in [&a, &b, &c] {
+        cache.publish(r).unwrap();
+    }
+    fs::write(cache.work_dir(&a.key).unwrap().join("resume"), b"r").unwrap();
+    fs::write(cache.work_dir(&b.key).unwrap().join("resume"), b"r").unwrap();
+    let crashed = hash_bytes(b"crashed stage");
+    cache.work_dir(&crashed).unwrap();
+    drop(cache.lock_key(&b.key).unwrap());
+    let gone = d.path().join("gone.bin");
+    fs::write(&gone, b"g").unwrap();
+    age(&gone, Duration::from_secs(3600));
+    cache.file_digest(&gone).unwrap();
+    fs::remove_file(&gone).unwrap();
+    let keep = BTreeSet::from([a.key]);
+
+    let snapshot = super::files_under(cache.bucket());
+    let dry = cache.gc(&keep, true).unwrap();
+    assert_eq!(super::files_under(cache.bucket()), snapshot, "a dry run removes nothing");
+    assert!(dry.dry_run && dry.quiescent);
+    assert_eq!((dry.records_kept, dry.records_removed), (1, 2));
+    assert_eq!((dry.objects_kept, dry.objects_removed), (2, 2));
+    assert_eq!(dry.work_dirs_removed, 2);
+    assert_eq!(dry.locks_removed, 1);
+    assert_eq!(dry.index_entries_removed, 1);
+
+    let report = cache.gc(&keep, false).unwrap();
+    assert_eq!(
+        (report.records_removed, report.objects_removed, report.work_dirs_removed),
+        (2, 2, 2)
+    );
+    assert_eq!(report.bytes_freed, dry.bytes_freed);
+    assert!(report.bytes_freed >= (only_b.size + loose.size + 2));
+    assert_eq!(cache.record(&a.key).unwrap(), Some(a.clone()));
+    assert_eq!(cache.record(&b.key).unwrap(), None);
+    assert_eq!(cache.record(&c.key).unwrap(), None);
+    for o in [shared, only_a] {
+        assert!(cache.has_object(&o.digest));
+    }
+    for o in [only_b, loose] {
+        assert!(!cache.has_object(&o.digest));
+    }
+    assert_eq!(object_files(&cache).len(), 2);
+    assert!(cache.bucket().join(format!("work/{}", a.key)).exists());
+    assert!(!cache.bucket().join(format!("work/{}", b.key)).exists());
+    assert!(!cache.bucket().join(format!("work/{crashed}")).exists());
+    assert!(!cache.bucket().join(format!("locks/{}/{}.lock", b.key.prefix(), b.key)).exists());
+    assert!(cache.verify().unwrap().is_clean());
+
+    // idempotent
+    let again = cache.gc(&keep, false).unwrap();
+    assert_eq!((again.records_removed, again.objects_removed, again.bytes_freed), (0, 0, 0));
+}
+
+#[test]
+fn running_stage_is_never_robbed() {
+    let (_d, cache) = cache();
+    let old = cache.put_bytes(b"old unreferenced").unwrap();
+    age(&cache.object_path(&old.digest), Duration::from_secs(7200));
+    let done = record("done", &[]);
+    cache.publish(&done).unwrap();
+
+    // A stage in flight: it holds its key and has put an object it has not published yet.
+    let running = hash_bytes(b"running");
+    let lock = cache.lock_key(&running).unwrap();
+    let pending = cache.put_bytes(b"pending output").unwrap();
+    fs::write(cache.work_dir(&running).unwrap().join("resume"), b"r").unwrap();
+
+    let report = cache.gc(&BTreeSet::new(), false).unwrap();
+    assert!(!report.quiescent);
+    assert_eq!(report.skipped_locked, [running]);
+    assert_eq!(report.skipped_young, 1);
+    assert!(cache.has_object(&pending.digest), "young unreferenced object spared");
+    assert!(!cache.has_object(&old.digest), "old unreferenced object removed");
+    assert!(cache.work_dir(&running).unwrap().join("resume").exists());
+    assert_eq!(cache.record(&done.key).unwrap(), None, "unlocked records still go");
+
+    cache.publish(&record("running", &[("out", pending)])).unwrap();
+    drop(lock);
+    let report = cache.gc(&BTreeSet::from([running]), false).unwrap();
+    assert!(report.quiescent);
+    assert!(cache.has_object(&pending.digest));
+}
+
+#[test]
+fn min_age_zero_sweeps_even_while_busy() {
+    let (_d, cache) = cache();
+    let o = cache.put_bytes(b"loose").unwrap();
+    let _lock = cache.lock_key(&hash_bytes(b"busy")).unwrap();
+    let options = GcOptions { dry_run: false, min_age: Duration::ZERO };
+    let report = cache.gc_with(&BTreeSet::new(), &options).unwrap();
+    assert_eq!(report.objects_removed, 1);
+    assert!(!cache.has_object(&o.digest));
+}
