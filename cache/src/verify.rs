@@ -203,6 +203,21 @@ impl Cache {
         Ok(out)
     }
 
+    /// Removes the leftovers of crashed writers (e.g. a `kill -9`ed run) from `tmp/`, if no
+    /// other writer is active right now; otherwise removes nothing. `progdiff run` calls this
+    /// before it starts. Returns the number of entries removed.
+    pub fn sweep_tmp(&self) -> Result<usize> {
+        let Some(_exclusive) = self.try_activity_exclusive()? else { return Ok(0) };
+        let stale = self.stale_tmp(true, DEFAULT_MIN_AGE)?;
+        for path in &stale {
+            remove_path(path)?;
+        }
+        if !stale.is_empty() {
+            debug!(removed = stale.len(), "swept leftovers of crashed writers from tmp/");
+        }
+        Ok(stale.len())
+    }
+
     /// Entries of `tmp/` left by writers that are gone: all of them when no writer is active
     /// (`quiescent`), else those older than `min_age` that no live staging dir holds.
     pub(crate) fn stale_tmp(&self, quiescent: bool, min_age: Duration) -> Result<Vec<PathBuf>> {

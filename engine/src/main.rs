@@ -203,6 +203,12 @@ fn real_main(cli: Cli) -> anyhow::Result<u8> {
         Command::Run { manifest, json, jobs, devices } => {
             let m = Manifest::load(manifest)?;
             let cache = open_cache(&cli.cache_dir)?;
+            let swept = cache.sweep_tmp()?;
+            if swept > 0 {
+                tracing::info!(
+                    "removed {swept} leftovers of an interrupted run from the cache's tmp/"
+                );
+            }
             let dag = Dag::build(&m);
             let p = plan::plan(&m, &dag, &cache)?;
             let cancel = CancelToken::new();
