@@ -79,7 +79,7 @@ fn graph_errors_name_the_problem() {
         ),
         (
             "stages:\n  a: { kind: snr-allocate, groups: many }\n",
-            "`stages.a.groups`: expected string \"many\"",
+            "`stages.a.groups`: found string \"many\", expected usize",
         ),
         ("sweeps: 1\nstages:\n  a: { kind: command, run: 'true' }\n", "unknown field `sweeps`"),
         ("a: [1, 2\n", "invalid YAML"),

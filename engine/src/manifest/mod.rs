@@ -577,9 +577,7 @@ fn segments(path: &serde_path_to_error::Path) -> Vec<String> {
 }
 
 fn clean_serde_message(m: &str) -> String {
-    m.replace("invalid type: ", "expected ")
-        .replace(", expected ", ", expected ")
-        .replace("integer `", "`")
+    m.replace("invalid type: ", "found ").replace("integer `", "`")
 }
 
 /// Removes the entry at `segs` from a JSON value; false if there is nothing to remove.
