@@ -10,5 +10,6 @@ pub mod allocate;
 pub mod command;
 pub mod config;
 pub mod context;
+pub mod data;
 pub mod plot;
 pub mod schedule;
