@@ -12,6 +12,7 @@ pub mod command;
 pub mod config;
 pub mod context;
 pub mod cost;
+pub mod data;
 pub mod diffusion;
 pub mod plot;
 pub mod schedule;
