@@ -10,6 +10,8 @@ use progdiff_stages::allocate::{self, AllocateParams};
 use progdiff_stages::command::{self, CommandParams};
 use progdiff_stages::config::DiffusionConfig;
 use progdiff_stages::context::StageContext;
+use progdiff_stages::data::DataConfig;
+use progdiff_stages::train::{self, TrainInputs, TrainParams};
 use serde::Serialize;
 use serde_json::Value;
 
@@ -23,11 +25,13 @@ pub enum StageParams {
     SnrAllocate(AllocateParams),
     /// `command`: a shell command.
     Command(CommandParams),
+    /// `train`: IDDPM training, from scratch or fine-tuning.
+    Train(TrainParams),
 }
 
 impl StageParams {
     /// Every kind name, for messages and the schema.
-    pub const KINDS: &'static [&'static str] = &[allocate::KIND, command::KIND];
+    pub const KINDS: &'static [&'static str] = &[train::KIND, allocate::KIND, command::KIND];
 
     /// Parses the parameters of a stage of kind `kind` from its mapping `body`.
     pub(crate) fn parse(
@@ -59,6 +63,16 @@ impl StageParams {
                     None
                 }
             }
+            train::KIND => {
+                let p: TrainParams = cx.deserialize(body, prefix, STAGE_KEYS)?;
+                let errs = p.validate();
+                if errs.is_empty() {
+                    Some(StageParams::Train(p))
+                } else {
+                    cx.field_errors(body, prefix, errs);
+                    None
+                }
+            }
             other => {
                 let pos = body.get("kind").map(|n| n.pos).unwrap_or(body.pos);
                 let names =
@@ -78,6 +92,7 @@ impl StageParams {
         match self {
             StageParams::SnrAllocate(_) => allocate::KIND,
             StageParams::Command(_) => command::KIND,
+            StageParams::Train(_) => train::KIND,
         }
     }
 
@@ -86,14 +101,20 @@ impl StageParams {
         match self {
             StageParams::SnrAllocate(_) => allocate::VERSION,
             StageParams::Command(_) => command::VERSION,
+            StageParams::Train(_) => train::VERSION,
         }
+    }
+
+    /// Whether the kind reads the manifest's `data:` section.
+    pub fn needs_data(&self) -> bool {
+        matches!(self, StageParams::Train(_))
     }
 
     /// Number of timestep groups, for kinds that define them (allocation).
     pub fn groups(&self) -> Option<usize> {
         match self {
             StageParams::SnrAllocate(p) => Some(p.groups),
-            StageParams::Command(_) => None,
+            StageParams::Command(_) | StageParams::Train(_) => None,
         }
     }
 
@@ -111,6 +132,21 @@ impl StageParams {
                 flatten(stage, &to_value(p), &mut out);
                 out.insert("seed".into(), to_value(m.seed));
             }
+            StageParams::Train(p) => {
+                flatten(stage, &to_value(p), &mut out);
+                out.insert("seed".into(), to_value(m.seed));
+                flatten("model", &to_value(&m.model), &mut out);
+                out.insert("diffusion.steps".into(), to_value(m.diffusion.steps));
+                out.insert("diffusion.schedule".into(), to_value(m.diffusion.schedule));
+                out.insert("diffusion.loss".into(), to_value(m.diffusion.loss));
+                out.insert(
+                    "diffusion.rescale_timesteps".into(),
+                    to_value(m.diffusion.rescale_timesteps),
+                );
+                if let Some(data) = &m.data {
+                    data_values(data, &mut out);
+                }
+            }
         }
         out
     }
@@ -120,6 +156,7 @@ impl StageParams {
         match self {
             StageParams::SnrAllocate(_) => Vec::new(),
             StageParams::Command(p) => p.inputs.iter().map(|i| (i.clone(), m.resolve(i))).collect(),
+            StageParams::Train(_) => m.data.as_ref().map(|d| data_files(d, m)).unwrap_or_default(),
         }
     }
 
@@ -128,6 +165,19 @@ impl StageParams {
         match self {
             StageParams::SnrAllocate(p) => allocate::run(ctx, p, &m.diffusion),
             StageParams::Command(p) => command::run(ctx, p, &m.dir),
+            StageParams::Train(p) => {
+                let data = m
+                    .data
+                    .as_ref()
+                    .ok_or_else(|| anyhow::anyhow!("the manifest has no `data:` section"))?;
+                let inputs = TrainInputs {
+                    data,
+                    model: &m.model,
+                    diffusion: &m.diffusion,
+                    manifest_dir: &m.dir,
+                };
+                train::run(ctx, p, &inputs)
+            }
         }
     }
 
@@ -136,10 +186,57 @@ impl StageParams {
         vec![
             (allocate::KIND, generator.root_schema_for::<AllocateParams>().to_value()),
             (command::KIND, generator.root_schema_for::<CommandParams>().to_value()),
+            (train::KIND, generator.root_schema_for::<TrainParams>().to_value()),
         ]
     }
 }
 
 fn to_value(v: impl Serialize) -> Value {
     serde_json::to_value(v).expect("parameters serialise to JSON")
+}
+
+/// Fields of `data:` that name files: their content is hashed instead, so moving a dataset does
+/// not invalidate what was trained on it.
+const DATA_PATH_FIELDS: &[&str] = &["path", "images", "labels"];
+
+/// The `data:` values a stage reads, without file locations (see [`data_files`]); a generated
+/// dataset contributes its generator fingerprint.
+fn data_values(data: &DataConfig, out: &mut BTreeMap<String, Value>) {
+    let mut v = to_value(data);
+    if let Some(o) = v.as_object_mut() {
+        for f in DATA_PATH_FIELDS {
+            o.remove(*f);
+        }
+    }
+    flatten("data", &v, out);
+    if let Some(fp) = data.generated_fingerprint() {
+        out.insert("data.generated".into(), Value::String(fp));
+    }
+}
+
+/// The dataset's files, labelled by their path relative to the dataset's common directory
+/// (`data:data_batch_1.bin`), for content digests in the key.
+fn data_files(data: &DataConfig, m: &Manifest) -> Vec<(String, PathBuf)> {
+    let files = match data.content_files(&m.dir) {
+        Ok(f) => f,
+        // A missing dataset is reported when the stage runs; the key then has no digest and
+        // the stage cannot be cached by mistake because it fails.
+        Err(_) => return Vec::new(),
+    };
+    let common = files.first().and_then(|f| f.parent()).map(|p| {
+        let mut c = p.to_path_buf();
+        while !files.iter().all(|f| f.starts_with(&c)) {
+            if !c.pop() {
+                break;
+            }
+        }
+        c
+    });
+    files
+        .iter()
+        .map(|f| {
+            let rel = common.as_ref().and_then(|c| f.strip_prefix(c).ok()).unwrap_or(f);
+            (format!("data:{}", rel.display()), f.clone())
+        })
+        .collect()
 }

@@ -221,6 +221,10 @@ fn real_main(cli: Cli) -> anyhow::Result<u8> {
                 eprintln!("\ninterrupting: stopping running stages (Ctrl-C again to exit at once)");
                 handler_token.cancel();
             });
+            // libtorch's intra-op threads: share the cores between concurrently running stages
+            // (oversubscribed OpenMP threads spin and slow everything down).
+            let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+            tch::set_num_threads((cores / (*jobs).max(1)).max(1) as i32);
             let opts = RunOptions {
                 jobs: *jobs,
                 devices: devices.clone(),

@@ -3,6 +3,7 @@
 //! yaml-language-server completes keys and flags mistakes as they are typed.
 
 use progdiff_stages::config::{DiffusionConfig, ModelConfig};
+use progdiff_stages::data::DataConfig;
 use schemars::generate::SchemaSettings;
 use serde_json::{Map, Value, json};
 
@@ -11,6 +12,7 @@ use crate::kinds::StageParams;
 /// The JSON Schema (draft 2020-12) of a manifest.
 pub fn manifest_schema() -> Value {
     let mut generator = SchemaSettings::draft2020_12().into_generator();
+    let data = generator.subschema_for::<DataConfig>().to_value();
     let model = generator.subschema_for::<ModelConfig>().to_value();
     let diffusion = generator.subschema_for::<DiffusionConfig>().to_value();
     let mut variants = Vec::new();
@@ -56,6 +58,7 @@ pub fn manifest_schema() -> Value {
         "properties": {
             "name": { "type": "string", "description": "Experiment name (defaults to the file name)." },
             "seed": { "type": "integer", "minimum": 0, "description": "Seed for every stage that draws random numbers." },
+            "data": data,
             "model": model,
             "diffusion": diffusion,
             "stages": {

@@ -17,3 +17,4 @@ pub mod diffusion;
 pub mod plot;
 pub mod schedule;
 pub mod unet;
+pub mod train;

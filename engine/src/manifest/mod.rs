@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 
 use progdiff_stages::config::{DiffusionConfig, ModelConfig};
 use progdiff_stages::context::FieldError;
+use progdiff_stages::data::DataConfig;
 use schemars::JsonSchema;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
@@ -105,6 +106,8 @@ pub struct Manifest {
     pub name: String,
     /// Seed for every stage that draws random numbers.
     pub seed: u64,
+    /// `data:` section (required by stages that train or evaluate).
+    pub data: Option<DataConfig>,
     /// `model:` section.
     pub model: ModelConfig,
     /// `diffusion:` section.
@@ -163,7 +166,7 @@ impl Manifest {
     }
 }
 
-const TOP_KEYS: &[&str] = &["name", "seed", "model", "diffusion", "stages"];
+const TOP_KEYS: &[&str] = &["name", "seed", "data", "model", "diffusion", "stages"];
 pub(crate) const STAGE_KEYS: &[&str] = &["kind", "needs", "for_each"];
 
 /// Collects diagnostics for one file.
@@ -234,19 +237,68 @@ impl Cx {
                 }
             },
         };
+        let data = match root.get("data") {
+            None | Some(Node { kind: NodeKind::Null, .. }) => Some(None),
+            Some(node) => self.data_section(node).map(Some),
+        };
         let model = self.section::<ModelConfig>(root, "model", ModelConfig::validate);
         let diffusion =
             self.section::<DiffusionConfig>(root, "diffusion", DiffusionConfig::validate);
         let stages = self.stages(root, diffusion.as_ref());
+        if let (Some(stages), Some(None)) = (&stages, &data) {
+            for d in stages.iter().filter(|d| d.params.needs_data()) {
+                self.push(
+                    root.pos,
+                    "data",
+                    format!("stage `{}` (`{}`) needs a `data:` section", d.name, d.params.kind()),
+                );
+            }
+        }
         Some(Manifest {
             file: self.file.clone(),
             dir: dir.to_path_buf(),
             name: name?,
             seed: seed?,
+            data: data?,
             model: model?,
             diffusion: diffusion?,
             stages: stages?,
         })
+    }
+
+    fn data_section(&mut self, node: &Node) -> Option<DataConfig> {
+        match node.get("kind") {
+            Some(Node { kind: NodeKind::Str(k), .. })
+                if DataConfig::KINDS.contains(&k.as_str()) => {}
+            Some(k) => {
+                self.push(
+                    k.pos,
+                    "data.kind",
+                    format!(
+                        "unknown data kind {}, expected one of {}",
+                        show_node(k),
+                        quoted(DataConfig::KINDS)
+                    ),
+                );
+                return None;
+            }
+            None => {
+                self.push(
+                    node.pos,
+                    "data",
+                    format!("missing `kind`, expected one of {}", quoted(DataConfig::KINDS)),
+                );
+                return None;
+            }
+        }
+        let data = self.deserialize::<DataConfig>(node, "data", &[])?;
+        let errs = data.validate();
+        if errs.is_empty() {
+            Some(data)
+        } else {
+            self.field_errors(node, "data", errs);
+            None
+        }
     }
 
     fn section<T: DeserializeOwned + JsonSchema + Default>(
@@ -286,7 +338,8 @@ impl Cx {
         let mut value = node.to_json();
         let mut ok = true;
         let obj = value.as_object_mut().expect("a mapping node converts to an object");
-        for (k, _) in entries {
+        // Tagged enums (no top-level properties) reject unknown keys through serde.
+        for (k, _) in entries.iter().filter(|_| !known.is_empty()) {
             if skip.contains(&k.name.as_str()) {
                 obj.remove(&k.name);
             } else if !known.iter().any(|n| n == &k.name) {
@@ -507,6 +560,13 @@ impl Cx {
             }
         }
         ok
+    }
+}
+
+fn show_node(n: &Node) -> String {
+    match &n.kind {
+        NodeKind::Str(s) => format!("`{s}`"),
+        _ => n.type_name().to_string(),
     }
 }
 

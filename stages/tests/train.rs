@@ -1,0 +1,195 @@
+//! The `train` stage on a tiny model and the synthetic set: the loss falls, and a resumed run
+//! ends with exactly the weights of an uninterrupted one.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use progdiff_stages::checkpoint::Checkpoint;
+use progdiff_stages::config::{DiffusionConfig, ModelConfig};
+use progdiff_stages::context::{CancelToken, StageContext, UpstreamOutputs};
+use progdiff_stages::data::DataConfig;
+use progdiff_stages::schedule::NoiseSchedule;
+use progdiff_stages::train::{self, TrainInputs, TrainParams};
+
+fn data() -> DataConfig {
+    serde_json::from_value(serde_json::json!({
+        "kind": "synthetic", "n": 64, "image_size": 8, "channels": "gray", "seed": 3
+    }))
+    .unwrap()
+}
+
+fn model() -> ModelConfig {
+    ModelConfig {
+        image_size: 8,
+        in_channels: 1,
+        channels: 32,
+        channel_mult: vec![1],
+        res_blocks: 1,
+        attention_resolutions: vec![],
+        heads: 1,
+        dropout: 0.1,
+        learn_sigma: true,
+        use_scale_shift_norm: true,
+    }
+}
+
+fn diffusion() -> DiffusionConfig {
+    DiffusionConfig { steps: 40, schedule: NoiseSchedule::Cosine, ..DiffusionConfig::default() }
+}
+
+fn ctx(root: &Path, name: &str, work: &Path, inputs: Vec<UpstreamOutputs>) -> StageContext {
+    let out = root.join(name);
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::create_dir_all(work).unwrap();
+    StageContext {
+        id: name.to_string(),
+        group: None,
+        device: "cpu".into(),
+        seed: 11,
+        inputs,
+        out_dir: out,
+        work_dir: work.to_path_buf(),
+        cancel: CancelToken::new(),
+        progress: false,
+    }
+}
+
+fn run(c: &StageContext, p: &TrainParams) {
+    let (d, m, f) = (data(), model(), diffusion());
+    let inputs = TrainInputs { data: &d, model: &m, diffusion: &f, manifest_dir: Path::new(".") };
+    train::run(c, p, &inputs).unwrap();
+}
+
+fn metrics(dir: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(dir.join(train::METRICS_FILE))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v.as_object_mut().unwrap().remove("samples_per_s");
+            v
+        })
+        .collect()
+}
+
+fn weights(path: PathBuf) -> BTreeMap<String, Vec<f32>> {
+    Checkpoint::load(&path)
+        .unwrap()
+        .tensors
+        .into_iter()
+        .map(|(k, t)| (k, Vec::<f32>::try_from(t.flatten(0, -1)).unwrap()))
+        .collect()
+}
+
+#[test]
+fn loss_falls_on_the_synthetic_set() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = ctx(dir.path(), "base", &dir.path().join("work"), vec![]);
+    let p = TrainParams {
+        steps: 200,
+        batch_size: 16,
+        lr: 2e-3,
+        ema: 0.99,
+        log_every: 20,
+        checkpoint_every: 0,
+        ..TrainParams::default()
+    };
+    run(&c, &p);
+    let m = metrics(&c.out_dir);
+    assert_eq!(m.len(), 10);
+    let first = m[0]["mse"].as_f64().unwrap();
+    let last = m[9]["mse"].as_f64().unwrap();
+    assert!(last < 0.6 * first, "mse {first} -> {last}");
+    assert!(m.iter().all(|l| l["loss_q0"].is_f64() && l["loss_q3"].is_f64()), "{m:?}");
+    for f in [train::MODEL_FILE, train::EMA_FILE] {
+        let ck = Checkpoint::load(&c.out_dir.join(f)).unwrap();
+        assert_eq!(ck.state["step"], "200");
+    }
+}
+
+#[test]
+fn a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = TrainParams {
+        steps: 30,
+        batch_size: 8,
+        lr: 1e-3,
+        ema: 0.9,
+        log_every: 5,
+        checkpoint_every: 10,
+        ..TrainParams::default()
+    };
+    let whole = ctx(dir.path(), "whole", &dir.path().join("work-whole"), vec![]);
+    run(&whole, &p);
+
+    // A run that stopped after its step-10 checkpoint (the same state a kill leaves: its work
+    // area holds the checkpoint, and metrics past it), then a run of the full length on the
+    // same work area.
+    let work = dir.path().join("work-resumed");
+    let first = ctx(dir.path(), "first", &work, vec![]);
+    run(&first, &TrainParams { steps: 20, ..p.clone() });
+    assert!(work.join("latest").exists());
+    let resumed = ctx(dir.path(), "resumed", &work, vec![]);
+    run(&resumed, &p);
+
+    for f in [train::MODEL_FILE, train::EMA_FILE] {
+        assert_eq!(weights(whole.out_dir.join(f)), weights(resumed.out_dir.join(f)), "{f}");
+    }
+    assert_eq!(metrics(&whole.out_dir), metrics(&resumed.out_dir));
+}
+
+#[test]
+fn fine_tuning_starts_from_upstream_weights_and_trains_on_its_group() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = ctx(dir.path(), "base", &dir.path().join("wb"), vec![]);
+    let p = TrainParams { steps: 5, batch_size: 4, log_every: 5, ..TrainParams::default() };
+    run(&base, &p);
+
+    // A two-group allocation of the 40 timesteps.
+    let alloc = progdiff_stages::allocate::allocate(
+        NoiseSchedule::Cosine,
+        40,
+        &progdiff_stages::allocate::AllocateParams { groups: 2, ..Default::default() },
+    )
+    .unwrap();
+    let alloc_path = dir.path().join("allocation.json");
+    alloc.write_json(&alloc_path).unwrap();
+    let upstream = vec![
+        UpstreamOutputs {
+            id: "base".into(),
+            kind: "train".into(),
+            group: None,
+            files: [
+                (train::MODEL_FILE.to_string(), base.out_dir.join(train::MODEL_FILE)),
+                (train::EMA_FILE.to_string(), base.out_dir.join(train::EMA_FILE)),
+            ]
+            .into(),
+        },
+        UpstreamOutputs {
+            id: "allocate".into(),
+            kind: "snr-allocate".into(),
+            group: None,
+            files: [("allocation.json".to_string(), alloc_path)].into(),
+        },
+    ];
+    let mut ft = ctx(dir.path(), "finetune[1]", &dir.path().join("wf"), upstream);
+    ft.group = Some(1);
+    // lr 0: the weights stay the upstream EMA weights exactly.
+    run(&ft, &TrainParams { lr: 1e-30, steps: 3, log_every: 1, ..p });
+    let up = weights(base.out_dir.join(train::EMA_FILE));
+    let got = weights(ft.out_dir.join(train::MODEL_FILE));
+    for (k, v) in &up {
+        let g = &got[k];
+        let max = v.iter().zip(g).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        assert!(max < 1e-6, "{k} moved by {max}");
+    }
+    // Group 1 holds the high timesteps: only the upper quartiles are logged.
+    let lo = *alloc.groups[1].timesteps.first().unwrap();
+    for l in metrics(&ft.out_dir) {
+        for q in 0..4 {
+            if l.get(format!("loss_q{q}")).is_some() {
+                assert!((q + 1) * 10 > lo, "quartile {q} logged but group 1 starts at {lo}: {l}");
+            }
+        }
+    }
+}
