@@ -661,6 +661,23 @@ fn flips_are_reproducible_from_a_seed() {
 }
 
 #[test]
+fn datasets_are_shared_across_threads() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<Dataset>();
+}
+
+#[cfg(unix)]
+#[test]
+fn folder_walk_survives_a_link_cycle() {
+    let tmp = TempDir::new().unwrap();
+    let root = tmp.path().join("imgs");
+    write_png(&root.join("sub/a.png"), image::GrayImage::new(2, 2).into());
+    std::os::unix::fs::symlink(&root, root.join("sub/loop")).unwrap();
+    let ds = open(tmp.path(), "{kind: folder, path: imgs}");
+    assert_eq!(ds.content_files(), [root.join("sub/a.png")]);
+}
+
+#[test]
 fn sampler_and_index_errors() {
     let ds = open(Path::new("."), "{kind: synthetic, n: 10, image_size: 4, limit: 6}");
     assert_eq!(ds.len(), 6);

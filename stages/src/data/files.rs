@@ -2,6 +2,7 @@
 //! file-name pattern, walking image folders, and ordering names the way people number them.
 
 use std::cmp::Ordering;
+use std::collections::HashSet;
 use std::fs;
 use std::path::{Component, Path, PathBuf};
 
@@ -54,12 +55,18 @@ pub(crate) fn expand(path: &Path, ext: &str) -> Result<Vec<PathBuf>, DataError> 
     Ok(files)
 }
 
-/// Every file under `dir` (recursively, following links) whose extension is one of `exts`
-/// (case-insensitive), sorted by path in natural order.
+/// Every file under `dir` (recursively, following links, each directory once even when links
+/// form a cycle) whose extension is one of `exts` (case-insensitive), sorted by path in natural
+/// order.
 pub(crate) fn walk(dir: &Path, exts: &[&str]) -> Result<Vec<PathBuf>, DataError> {
     let mut out = Vec::new();
+    let mut seen = HashSet::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
+        let real = fs::canonicalize(&d).map_err(|e| DataError::io(&d, e))?;
+        if !seen.insert(real) {
+            continue;
+        }
         for entry in read_dir_sorted(&d)? {
             if entry.is_dir() {
                 stack.push(entry);
