@@ -13,6 +13,7 @@ pub mod config;
 pub mod context;
 pub mod cost;
 pub mod diffusion;
+pub mod image_io;
 pub mod plot;
 pub mod schedule;
 pub mod unet;
