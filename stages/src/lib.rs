@@ -15,5 +15,6 @@ pub mod cost;
 pub mod diffusion;
 pub mod image_io;
 pub mod plot;
+pub mod sample;
 pub mod schedule;
 pub mod unet;
