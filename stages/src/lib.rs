@@ -14,6 +14,7 @@ pub mod context;
 pub mod cost;
 pub mod diffusion;
 pub mod image_io;
+pub mod import;
 pub mod plot;
 pub mod sample;
 pub mod schedule;
