@@ -57,6 +57,11 @@ fn diffusion() -> GaussianDiffusion {
 /// A checkpoint of `arch` with non-zero weights drawn from `seed` (the reference's zero-init
 /// output conv would make every model predict zero).
 fn checkpoint(arch: &UNetArch, seed: u64) -> Checkpoint {
+    // Every test that samples builds a checkpoint first. One OpenMP thread per test thread: the
+    // models are tiny, and libtorch's default (a thread per core in every test thread) makes
+    // parallel tests on a small machine spin against each other (1.4 s instead of 10 s here).
+    // OpenMP keeps this setting per calling thread, so each test sets it for itself.
+    tch::set_num_threads(1);
     let vs = VarStore::new(Device::Cpu);
     UNet::new(&vs.root(), arch).unwrap();
     let mut noise = SeededNoise::new(seed);
