@@ -11,6 +11,7 @@ use progdiff_stages::command::{self, CommandParams};
 use progdiff_stages::config::DiffusionConfig;
 use progdiff_stages::context::StageContext;
 use progdiff_stages::data::DataConfig;
+use progdiff_stages::import::{self, ImportParams};
 use progdiff_stages::train::{self, TrainInputs, TrainParams};
 use serde::Serialize;
 use serde_json::Value;
@@ -27,11 +28,14 @@ pub enum StageParams {
     Command(CommandParams),
     /// `train`: IDDPM training, from scratch or fine-tuning.
     Train(TrainParams),
+    /// `import`: an external checkpoint as a model.
+    Import(ImportParams),
 }
 
 impl StageParams {
     /// Every kind name, for messages and the schema.
-    pub const KINDS: &'static [&'static str] = &[train::KIND, allocate::KIND, command::KIND];
+    pub const KINDS: &'static [&'static str] =
+        &[train::KIND, allocate::KIND, import::KIND, command::KIND];
 
     /// Parses the parameters of a stage of kind `kind` from its mapping `body`.
     pub(crate) fn parse(
@@ -73,6 +77,16 @@ impl StageParams {
                     None
                 }
             }
+            import::KIND => {
+                let p: ImportParams = cx.deserialize(body, prefix, STAGE_KEYS)?;
+                let errs = p.validate();
+                if errs.is_empty() {
+                    Some(StageParams::Import(p))
+                } else {
+                    cx.field_errors(body, prefix, errs);
+                    None
+                }
+            }
             other => {
                 let pos = body.get("kind").map(|n| n.pos).unwrap_or(body.pos);
                 let names =
@@ -93,6 +107,7 @@ impl StageParams {
             StageParams::SnrAllocate(_) => allocate::KIND,
             StageParams::Command(_) => command::KIND,
             StageParams::Train(_) => train::KIND,
+            StageParams::Import(_) => import::KIND,
         }
     }
 
@@ -102,6 +117,7 @@ impl StageParams {
             StageParams::SnrAllocate(_) => allocate::VERSION,
             StageParams::Command(_) => command::VERSION,
             StageParams::Train(_) => train::VERSION,
+            StageParams::Import(_) => import::VERSION,
         }
     }
 
@@ -114,7 +130,7 @@ impl StageParams {
     pub fn groups(&self) -> Option<usize> {
         match self {
             StageParams::SnrAllocate(p) => Some(p.groups),
-            StageParams::Command(_) | StageParams::Train(_) => None,
+            StageParams::Command(_) | StageParams::Train(_) | StageParams::Import(_) => None,
         }
     }
 
@@ -147,6 +163,10 @@ impl StageParams {
                     data_values(data, &mut out);
                 }
             }
+            StageParams::Import(_) => {
+                // The file locations are not part of the key: their content digests are.
+                flatten("model", &to_value(&m.model), &mut out);
+            }
         }
         out
     }
@@ -157,6 +177,13 @@ impl StageParams {
             StageParams::SnrAllocate(_) => Vec::new(),
             StageParams::Command(p) => p.inputs.iter().map(|i| (i.clone(), m.resolve(i))).collect(),
             StageParams::Train(_) => m.data.as_ref().map(|d| data_files(d, m)).unwrap_or_default(),
+            StageParams::Import(p) => {
+                let mut v = vec![("path".to_string(), m.resolve(&p.path))];
+                if let Some(e) = &p.ema_path {
+                    v.push(("ema_path".to_string(), m.resolve(e)));
+                }
+                v
+            }
         }
     }
 
@@ -178,6 +205,7 @@ impl StageParams {
                 };
                 train::run(ctx, p, &inputs)
             }
+            StageParams::Import(p) => import::run(ctx, p, &m.model, &m.dir),
         }
     }
 
@@ -187,6 +215,7 @@ impl StageParams {
             (allocate::KIND, generator.root_schema_for::<AllocateParams>().to_value()),
             (command::KIND, generator.root_schema_for::<CommandParams>().to_value()),
             (train::KIND, generator.root_schema_for::<TrainParams>().to_value()),
+            (import::KIND, generator.root_schema_for::<ImportParams>().to_value()),
         ]
     }
 }

@@ -19,5 +19,5 @@ pub mod import;
 pub mod plot;
 pub mod sample;
 pub mod schedule;
-pub mod unet;
 pub mod train;
+pub mod unet;

@@ -118,7 +118,10 @@ impl TrainParams {
             e.push(FieldError::at("lr", format!("must be positive, got {}", self.lr)));
         }
         if !(self.weight_decay >= 0.0 && self.weight_decay.is_finite()) {
-            e.push(FieldError::at("weight_decay", format!("must be >= 0, got {}", self.weight_decay)));
+            e.push(FieldError::at(
+                "weight_decay",
+                format!("must be >= 0, got {}", self.weight_decay),
+            ));
         }
         if !(0.0..1.0).contains(&self.ema) {
             e.push(FieldError::at("ema", format!("must be in [0, 1), got {}", self.ema)));
@@ -156,7 +159,9 @@ pub fn parse_device(s: &str) -> anyhow::Result<Device> {
             Some(i) if tch::Cuda::is_available() && (i as i64) < tch::Cuda::device_count() => {
                 Ok(Device::Cuda(i))
             }
-            Some(_) => bail!("device `{s}` is not available (CUDA devices: {})", tch::Cuda::device_count()),
+            Some(_) => {
+                bail!("device `{s}` is not available (CUDA devices: {})", tch::Cuda::device_count())
+            }
             None => bail!("unknown device `{s}`, expected `cpu` or `cuda:N`"),
         },
     }
@@ -206,7 +211,8 @@ fn initial_checkpoint(
                 _ => MODEL_FILE,
             };
             let path = u.file(file)?;
-            Checkpoint::load(path).with_context(|| format!("loading `{file}` of upstream `{}`", u.id))
+            Checkpoint::load(path)
+                .with_context(|| format!("loading `{file}` of upstream `{}`", u.id))
         }
         many => bail!(
             "stage `{}` needs several checkpoints ({}); a train stage starts from at most one",
@@ -302,7 +308,11 @@ struct Interval {
 }
 
 /// Runs the stage.
-pub fn run(ctx: &StageContext, params: &TrainParams, inputs: &TrainInputs<'_>) -> anyhow::Result<()> {
+pub fn run(
+    ctx: &StageContext,
+    params: &TrainParams,
+    inputs: &TrainInputs<'_>,
+) -> anyhow::Result<()> {
     let device = parse_device(&ctx.device)?;
     let dataset = inputs.data.open(inputs.manifest_dir).context("opening the dataset")?;
     check_shapes(&dataset, inputs.model)?;
@@ -364,10 +374,8 @@ pub fn run(ctx: &StageContext, params: &TrainParams, inputs: &TrainInputs<'_>) -
         let t_idx = uniform_indices(stream(ctx.seed, s, 2), batch, allowed.len());
         let t_vals: Vec<i64> = t_idx.iter().map(|&i| allowed[i] as i64).collect();
         let t = Tensor::from_slice(&t_vals).to_device(device);
-        let noise = SeededNoise::stream(ctx.seed, stream(ctx.seed, s, 3)).randn(
-            &[batch as i64, c as i64, h as i64, w as i64],
-            (Kind::Float, device),
-        );
+        let noise = SeededNoise::stream(ctx.seed, stream(ctx.seed, s, 3))
+            .randn(&[batch as i64, c as i64, h as i64, w as i64], (Kind::Float, device));
 
         let losses = {
             let _rng = TORCH_RNG.lock().unwrap_or_else(|e| e.into_inner());
@@ -398,7 +406,9 @@ pub fn run(ctx: &StageContext, params: &TrainParams, inputs: &TrainInputs<'_>) -
         });
 
         // Metrics, as IDDPM logs them: means over the interval, and per timestep quartile.
-        let per = Vec::<f64>::try_from(losses.loss.detach().to_kind(Kind::Double).to_device(Device::Cpu))?;
+        let per = Vec::<f64>::try_from(
+            losses.loss.detach().to_kind(Kind::Double).to_device(Device::Cpu),
+        )?;
         interval.n += 1;
         interval.loss += loss_value;
         interval.mse += losses.mse.detach().mean(Kind::Double).double_value(&[]);
@@ -432,11 +442,13 @@ pub fn run(ctx: &StageContext, params: &TrainParams, inputs: &TrainInputs<'_>) -
         }
         bar.set_position(done as u64);
 
-        if params.checkpoint_every > 0 && done % params.checkpoint_every == 0 && done < params.steps {
+        if params.checkpoint_every > 0 && done % params.checkpoint_every == 0 && done < params.steps
+        {
             let (epoch, pos) = sampler.position();
             let state = ResumeState { step: done, epoch, pos };
             let model = Checkpoint::from_var_store(&arch, &vs, step_state(done, None))?;
-            let ema = Checkpoint::from_var_store(&arch, &ema_vs, step_state(done, Some(params.ema)))?;
+            let ema =
+                Checkpoint::from_var_store(&arch, &ema_vs, step_state(done, Some(params.ema)))?;
             resume.save(&state, &model, &ema, &adam.moments())?;
         }
     }
@@ -445,7 +457,8 @@ pub fn run(ctx: &StageContext, params: &TrainParams, inputs: &TrainInputs<'_>) -
 
     let model = Checkpoint::from_var_store(&arch, &vs, step_state(params.steps, None))?;
     model.save(&ctx.out_dir.join(MODEL_FILE))?;
-    let ema = Checkpoint::from_var_store(&arch, &ema_vs, step_state(params.steps, Some(params.ema)))?;
+    let ema =
+        Checkpoint::from_var_store(&arch, &ema_vs, step_state(params.steps, Some(params.ema)))?;
     ema.save(&ctx.out_dir.join(EMA_FILE))?;
     std::fs::copy(&metrics_path, ctx.out_dir.join(METRICS_FILE))?;
     Ok(())
@@ -499,9 +512,11 @@ fn progress_bar(ctx: &StageContext, len: u64, pos: u64) -> indicatif::ProgressBa
     }
     let bar = indicatif::ProgressBar::new(len).with_position(pos);
     bar.set_style(
-        indicatif::ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} steps {msg} ({eta})")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-            .progress_chars("=> "),
+        indicatif::ProgressStyle::with_template(
+            "{prefix} [{bar:30}] {pos}/{len} steps {msg} ({eta})",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("=> "),
     );
     bar.set_prefix(ctx.id.clone());
     bar
@@ -645,25 +660,39 @@ mod tests {
             v = 0.999 * v + 0.001 * g * g;
             let denom = v.sqrt() / (1.0 - 0.999f64.powi(t)).sqrt() + 1e-8;
             x -= 0.1 / (1.0 - 0.9f64.powi(t)) * m / denom;
-            assert!((p.double_value(&[0]) - x).abs() < 1e-6, "step {t}: {} vs {x}", p.double_value(&[0]));
+            assert!(
+                (p.double_value(&[0]) - x).abs() < 1e-6,
+                "step {t}: {} vs {x}",
+                p.double_value(&[0])
+            );
         }
     }
 
     #[test]
     fn streams_are_independent_and_stable() {
         assert_ne!(stream(0, 1, 2), stream(0, 2, 1));
-        assert_eq!(uniform_indices(stream(5, 3, 2), 4, 10), uniform_indices(stream(5, 3, 2), 4, 10));
+        assert_eq!(
+            uniform_indices(stream(5, 3, 2), 4, 10),
+            uniform_indices(stream(5, 3, 2), 4, 10)
+        );
         assert!(uniform_indices(stream(5, 3, 2), 1000, 7).iter().all(|&i| i < 7));
-        let counts = uniform_indices(stream(1, 1, 1), 7000, 7).iter().fold([0usize; 7], |mut c, &i| {
-            c[i] += 1;
-            c
-        });
+        let counts =
+            uniform_indices(stream(1, 1, 1), 7000, 7).iter().fold([0usize; 7], |mut c, &i| {
+                c[i] += 1;
+                c
+            });
         assert!(counts.iter().all(|&c| (800..1200).contains(&c)), "{counts:?}");
     }
 
     #[test]
     fn validation_names_fields() {
-        let p = TrainParams { steps: 0, ema: 1.0, lr: -1.0, grad_clip: Some(0.0), ..TrainParams::default() };
+        let p = TrainParams {
+            steps: 0,
+            ema: 1.0,
+            lr: -1.0,
+            grad_clip: Some(0.0),
+            ..TrainParams::default()
+        };
         let fields: Vec<String> = p.validate().into_iter().map(|e| e.path.join(".")).collect();
         assert_eq!(fields, ["steps", "lr", "ema", "grad_clip"]);
     }

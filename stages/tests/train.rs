@@ -55,6 +55,7 @@ fn ctx(root: &Path, name: &str, work: &Path, inputs: Vec<UpstreamOutputs>) -> St
 }
 
 fn run(c: &StageContext, p: &TrainParams) {
+    tch::set_num_threads(1);
     let (d, m, f) = (data(), model(), diffusion());
     let inputs = TrainInputs { data: &d, model: &m, diffusion: &f, manifest_dir: Path::new(".") };
     train::run(c, p, &inputs).unwrap();

@@ -291,7 +291,17 @@ impl Cx {
                 return None;
             }
         }
-        let data = self.deserialize::<DataConfig>(node, "data", &[])?;
+        let kind = &["kind"];
+        let data = match node.get("kind").map(|k| &k.kind) {
+            Some(NodeKind::Str(k)) => match k.as_str() {
+                "cifar10" => DataConfig::Cifar10(self.deserialize(node, "data", kind)?),
+                "idx" => DataConfig::Idx(self.deserialize(node, "data", kind)?),
+                "npz" => DataConfig::Npz(self.deserialize(node, "data", kind)?),
+                "folder" => DataConfig::Folder(self.deserialize(node, "data", kind)?),
+                _ => DataConfig::Synthetic(self.deserialize(node, "data", kind)?),
+            },
+            _ => unreachable!("checked above"),
+        };
         let errs = data.validate();
         if errs.is_empty() {
             Some(data)
@@ -338,8 +348,7 @@ impl Cx {
         let mut value = node.to_json();
         let mut ok = true;
         let obj = value.as_object_mut().expect("a mapping node converts to an object");
-        // Tagged enums (no top-level properties) reject unknown keys through serde.
-        for (k, _) in entries.iter().filter(|_| !known.is_empty()) {
+        for (k, _) in entries {
             if skip.contains(&k.name.as_str()) {
                 obj.remove(&k.name);
             } else if !known.iter().any(|n| n == &k.name) {
