@@ -85,13 +85,22 @@ impl Classifier {
         Classifier { config, vs, body, head }
     }
 
-    /// Loads weights saved by [`Classifier::save`].
+    /// Loads weights saved by [`Classifier::save`] (a safetensors file, whatever its name: cached
+    /// objects have none).
     pub fn load(config: &ClassifierConfig, path: &Path, device: Device) -> Result<Self, FidError> {
-        let mut c = Classifier::new(config.clone(), device);
-        c.vs.load(path).map_err(|e| FidError::Extractor {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        })?;
+        let err = |message: String| FidError::Extractor { path: path.to_path_buf(), message };
+        let c = Classifier::new(config.clone(), device);
+        let saved = Tensor::read_safetensors(path).map_err(|e| err(e.to_string()))?;
+        let mut vars = c.vs.variables();
+        let _guard = tch::no_grad_guard();
+        for (name, t) in saved {
+            let v =
+                vars.get_mut(&name).ok_or_else(|| err(format!("unexpected tensor `{name}`")))?;
+            v.f_copy_(&t).map_err(|e| err(format!("`{name}`: {e}")))?;
+        }
+        if vars.len() != c.vs.variables().len() {
+            return Err(err("missing tensors".into()));
+        }
         Ok(c)
     }
 
