@@ -2,5 +2,6 @@
 
 mod common;
 mod engine;
+mod evaluate;
 mod manifests;
 mod validate;
