@@ -11,6 +11,8 @@ use progdiff_stages::command::{self, CommandParams};
 use progdiff_stages::config::DiffusionConfig;
 use progdiff_stages::context::StageContext;
 use progdiff_stages::data::DataConfig;
+use progdiff_stages::evaluate::{self, EvaluateParams};
+use progdiff_stages::fid::stage::{self as fid_extractor, ExtractorKind, ExtractorParams};
 use progdiff_stages::import::{self, ImportParams};
 use progdiff_stages::train::{self, TrainInputs, TrainParams};
 use serde::Serialize;
@@ -30,12 +32,22 @@ pub enum StageParams {
     Train(TrainParams),
     /// `import`: an external checkpoint as a model.
     Import(ImportParams),
+    /// `evaluate`: samples, FID, averaged params/MACs, sampling time.
+    Evaluate(EvaluateParams),
+    /// `fid-extractor`: the FID feature extractor and the dataset's reference statistics.
+    FidExtractor(ExtractorParams),
 }
 
 impl StageParams {
     /// Every kind name, for messages and the schema.
-    pub const KINDS: &'static [&'static str] =
-        &[train::KIND, allocate::KIND, import::KIND, command::KIND];
+    pub const KINDS: &'static [&'static str] = &[
+        train::KIND,
+        allocate::KIND,
+        import::KIND,
+        command::KIND,
+        evaluate::KIND,
+        fid_extractor::KIND,
+    ];
 
     /// Parses the parameters of a stage of kind `kind` from its mapping `body`.
     pub(crate) fn parse(
@@ -87,6 +99,26 @@ impl StageParams {
                     None
                 }
             }
+            evaluate::KIND => {
+                let p: EvaluateParams = cx.deserialize(body, prefix, STAGE_KEYS)?;
+                let errs = p.validate();
+                if errs.is_empty() {
+                    Some(StageParams::Evaluate(p))
+                } else {
+                    cx.field_errors(body, prefix, errs);
+                    None
+                }
+            }
+            fid_extractor::KIND => {
+                let p: ExtractorParams = cx.deserialize(body, prefix, STAGE_KEYS)?;
+                let errs = p.validate();
+                if errs.is_empty() {
+                    Some(StageParams::FidExtractor(p))
+                } else {
+                    cx.field_errors(body, prefix, errs);
+                    None
+                }
+            }
             other => {
                 let pos = body.get("kind").map(|n| n.pos).unwrap_or(body.pos);
                 let names =
@@ -108,6 +140,8 @@ impl StageParams {
             StageParams::Command(_) => command::KIND,
             StageParams::Train(_) => train::KIND,
             StageParams::Import(_) => import::KIND,
+            StageParams::Evaluate(_) => evaluate::KIND,
+            StageParams::FidExtractor(_) => fid_extractor::KIND,
         }
     }
 
@@ -118,12 +152,14 @@ impl StageParams {
             StageParams::Command(_) => command::VERSION,
             StageParams::Train(_) => train::VERSION,
             StageParams::Import(_) => import::VERSION,
+            StageParams::Evaluate(_) => evaluate::VERSION,
+            StageParams::FidExtractor(_) => fid_extractor::VERSION,
         }
     }
 
     /// Whether the kind reads the manifest's `data:` section.
     pub fn needs_data(&self) -> bool {
-        matches!(self, StageParams::Train(_))
+        matches!(self, StageParams::Train(_) | StageParams::FidExtractor(_))
     }
 
     /// Number of timestep groups, for kinds that define them (allocation).
@@ -131,6 +167,7 @@ impl StageParams {
         match self {
             StageParams::SnrAllocate(p) => Some(p.groups),
             StageParams::Command(_) | StageParams::Train(_) | StageParams::Import(_) => None,
+            StageParams::Evaluate(_) | StageParams::FidExtractor(_) => None,
         }
     }
 
@@ -167,6 +204,22 @@ impl StageParams {
                 // The file locations are not part of the key: their content digests are.
                 flatten("model", &to_value(&m.model), &mut out);
             }
+            StageParams::Evaluate(p) => {
+                // The models' architectures come with their checkpoints (upstream keys); the
+                // sampling process is the manifest's.
+                flatten(stage, &to_value(p), &mut out);
+                out.insert("seed".into(), to_value(m.seed));
+                flatten("diffusion", &to_value(&m.diffusion), &mut out);
+            }
+            StageParams::FidExtractor(p) => {
+                flatten(stage, &p.key_values(), &mut out);
+                if p.extractor == ExtractorKind::Classifier {
+                    out.insert("seed".into(), to_value(m.seed));
+                }
+                if let Some(data) = &m.data {
+                    data_values(data, &mut out);
+                }
+            }
         }
         out
     }
@@ -181,6 +234,14 @@ impl StageParams {
                 let mut v = vec![("path".to_string(), m.resolve(&p.path))];
                 if let Some(e) = &p.ema_path {
                     v.push(("ema_path".to_string(), m.resolve(e)));
+                }
+                v
+            }
+            StageParams::Evaluate(_) => Vec::new(),
+            StageParams::FidExtractor(p) => {
+                let mut v = m.data.as_ref().map(|d| data_files(d, m)).unwrap_or_default();
+                if let Some(path) = &p.path {
+                    v.push(("path".to_string(), m.resolve(path)));
                 }
                 v
             }
@@ -206,6 +267,14 @@ impl StageParams {
                 train::run(ctx, p, &inputs)
             }
             StageParams::Import(p) => import::run(ctx, p, &m.model, &m.dir),
+            StageParams::Evaluate(p) => evaluate::run(ctx, p, &m.diffusion),
+            StageParams::FidExtractor(p) => {
+                let data = m
+                    .data
+                    .as_ref()
+                    .ok_or_else(|| anyhow::anyhow!("the manifest has no `data:` section"))?;
+                fid_extractor::run(ctx, p, data, &m.dir)
+            }
         }
     }
 
@@ -216,6 +285,8 @@ impl StageParams {
             (command::KIND, generator.root_schema_for::<CommandParams>().to_value()),
             (train::KIND, generator.root_schema_for::<TrainParams>().to_value()),
             (import::KIND, generator.root_schema_for::<ImportParams>().to_value()),
+            (evaluate::KIND, generator.root_schema_for::<EvaluateParams>().to_value()),
+            (fid_extractor::KIND, generator.root_schema_for::<ExtractorParams>().to_value()),
         ]
     }
 }

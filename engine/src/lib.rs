@@ -11,4 +11,5 @@ pub mod fingerprint;
 pub mod kinds;
 pub mod manifest;
 pub mod plan;
+pub mod report;
 pub mod schema;

@@ -68,11 +68,50 @@ enum Command {
         #[arg(long, value_enum, default_value_t = GraphFormat::Dot)]
         format: GraphFormat,
     },
+    /// The evaluated results as a table like the paper's (one row per evaluate stage)
+    Report {
+        /// Manifest files
+        #[arg(required = true)]
+        manifests: Vec<PathBuf>,
+        /// Output format
+        #[arg(long, value_enum, default_value_t = ReportFormat::Markdown)]
+        format: ReportFormat,
+    },
+    /// FID between two image folders or two pytorch-fid `.npz` statistics files; with
+    /// `--save-stats`, writes the statistics of A to the file B instead
+    Fid {
+        /// Image folder or `.npz` statistics
+        a: PathBuf,
+        /// Image folder or `.npz` statistics (the output file with `--save-stats`)
+        b: PathBuf,
+        /// TorchScript feature extractor for image folders (InceptionV3 for FID proper)
+        #[arg(long)]
+        extractor: Option<PathBuf>,
+        /// Square input size of the extractor
+        #[arg(long, default_value_t = 299)]
+        size: usize,
+        /// Images per extractor call
+        #[arg(long, default_value_t = 50)]
+        batch_size: usize,
+        /// `cpu` or `cuda:N`
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// Write the statistics of A to B (pytorch-fid's `.npz` format) instead of comparing
+        #[arg(long)]
+        save_stats: bool,
+    },
     /// Print the manifest JSON Schema (for yaml-language-server)
     Schema,
     /// Inspect and maintain the cache
     #[command(subcommand)]
     Cache(CacheCommand),
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ReportFormat {
+    Markdown,
+    Csv,
+    Json,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -259,6 +298,41 @@ fn real_main(cli: Cli) -> anyhow::Result<u8> {
                 GraphFormat::Mermaid => dag.to_mermaid(&m),
             };
             write!(out, "{text}")?;
+            Ok(0)
+        }
+        Command::Report { manifests, format } => {
+            let cache = open_cache(&cli.cache_dir)?;
+            let mut rows = Vec::new();
+            for path in manifests {
+                let m = Manifest::load(path)?;
+                rows.extend(progdiff::report::report(&m, &cache)?);
+            }
+            match format {
+                ReportFormat::Markdown => write!(out, "{}", progdiff::report::to_markdown(&rows))?,
+                ReportFormat::Csv => write!(out, "{}", progdiff::report::to_csv(&rows))?,
+                ReportFormat::Json => {
+                    serde_json::to_writer_pretty(&mut out, &rows)?;
+                    writeln!(out)?;
+                }
+            }
+            Ok(0)
+        }
+        Command::Fid { a, b, extractor, size, batch_size, device, save_stats } => {
+            let opts = progdiff::report::FidOptions {
+                extractor: extractor.clone(),
+                size: *size,
+                batch_size: *batch_size,
+                device: device.clone(),
+            };
+            let stats_a = progdiff::report::statistics_of(a, &opts)?;
+            if *save_stats {
+                progdiff_stages::fid::write_stats(&stats_a, b)?;
+                writeln!(out, "wrote the statistics of `{}` to `{}`", a.display(), b.display())?;
+            } else {
+                let stats_b = progdiff::report::statistics_of(b, &opts)?;
+                let d = progdiff_stages::fid::frechet_distance(&stats_a, &stats_b)?;
+                writeln!(out, "FID: {d}")?;
+            }
             Ok(0)
         }
         Command::Schema => {

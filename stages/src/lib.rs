@@ -14,6 +14,8 @@ pub mod context;
 pub mod cost;
 pub mod data;
 pub mod diffusion;
+pub mod evaluate;
+pub mod fid;
 pub mod image_io;
 pub mod import;
 pub mod plot;

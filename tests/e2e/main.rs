@@ -2,6 +2,7 @@
 
 mod common;
 mod engine;
+mod evaluate;
 mod manifests;
 mod train;
 mod validate;

@@ -1,0 +1,226 @@
+//! FID math against values computed independently with numpy/scipy the way pytorch-fid 0.3.0
+//! does (`fixtures/fid/make_fixtures.py`), pytorch-fid's `.npz` statistics both ways, and the
+//! feature extractors (a TorchScript module traced with PyTorch, the self-trained classifier).
+
+use std::path::PathBuf;
+
+use progdiff_stages::fid::{
+    Classifier, ClassifierConfig, Extractor, FidError, Statistics, Target, frechet_distance,
+    frechet_distance_with, load_folder, read_stats, rotate_quarters, write_stats,
+};
+use serde_json::Value;
+use tch::{Device, Kind, Tensor};
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/fid").join(name)
+}
+
+fn json(name: &str) -> Value {
+    serde_json::from_slice(&std::fs::read(fixture(name)).unwrap()).unwrap()
+}
+
+fn floats(v: &Value) -> Vec<f64> {
+    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect()
+}
+
+fn matrix(v: &Value) -> Tensor {
+    let rows: Vec<Vec<f64>> = v.as_array().unwrap().iter().map(floats).collect();
+    let (n, d) = (rows.len() as i64, rows[0].len() as i64);
+    Tensor::from_slice(&rows.concat()).view([n, d])
+}
+
+fn case(name: &str) -> Value {
+    json("reference.json")["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == name)
+        .unwrap_or_else(|| panic!("no case `{name}`"))
+        .clone()
+}
+
+fn stats_of(c: &Value) -> (Statistics, Statistics) {
+    tch::set_num_threads(1);
+    (
+        Statistics::from_features(&matrix(&c["a"])).unwrap(),
+        Statistics::from_features(&matrix(&c["b"])).unwrap(),
+    )
+}
+
+fn assert_rel(actual: f64, expected: f64, tol: f64, what: &str) {
+    let rel = (actual - expected).abs() / expected.abs().max(1e-12);
+    assert!(rel <= tol, "{what}: {actual} vs {expected} (relative error {rel:e})");
+}
+
+#[test]
+fn statistics_are_numpy_mean_and_cov_ddof_1() {
+    let c = case("well_conditioned");
+    let (a, _) = stats_of(&c);
+    for (x, y) in a.mu.iter().zip(floats(&c["mu_a"])) {
+        assert!((x - y).abs() <= 1e-12 * y.abs().max(1.0), "mu {x} vs {y}");
+    }
+    for (x, y) in a.sigma.iter().zip(floats(&c["sigma_a"])) {
+        assert!((x - y).abs() <= 1e-12 * y.abs().max(1.0), "sigma {x} vs {y}");
+    }
+}
+
+#[test]
+fn frechet_distance_matches_pytorch_fid_well_conditioned() {
+    let c = case("well_conditioned");
+    let (a, b) = stats_of(&c);
+    assert_rel(frechet_distance(&a, &b).unwrap(), c["fid"].as_f64().unwrap(), 1e-6, "fid");
+    // Symmetric in its arguments.
+    assert_rel(frechet_distance(&b, &a).unwrap(), c["fid"].as_f64().unwrap(), 1e-6, "fid(b, a)");
+}
+
+#[test]
+fn frechet_distance_matches_pytorch_fid_rank_deficient() {
+    // Fewer samples than dimensions: singular covariances, where scipy's sqrtm returns tiny
+    // imaginary parts that pytorch-fid drops.
+    let c = case("rank_deficient");
+    let (a, b) = stats_of(&c);
+    assert_rel(frechet_distance(&a, &b).unwrap(), c["fid"].as_f64().unwrap(), 1e-6, "fid");
+}
+
+#[test]
+fn frechet_distance_matches_pytorch_fid_where_it_needs_the_eps_retry() {
+    // scipy's sqrtm is not finite on this singular product, so pytorch-fid retries with 1e-6
+    // on the diagonals; the symmetric square root is finite here and agrees with the retried
+    // value within the tolerance.
+    let c = case("needs_eps_retry");
+    assert!(c["retried"].as_bool().unwrap());
+    let (a, b) = stats_of(&c);
+    assert_rel(frechet_distance(&a, &b).unwrap(), c["fid"].as_f64().unwrap(), 1e-6, "fid");
+    assert_rel(
+        frechet_distance_with(&a, &b, true).unwrap(),
+        c["fid_forced_eps"].as_f64().unwrap(),
+        1e-6,
+        "fid with eps",
+    );
+}
+
+#[test]
+fn eps_path_matches_pytorch_fid_retry_formula() {
+    for name in ["well_conditioned", "rank_deficient"] {
+        let c = case(name);
+        let (a, b) = stats_of(&c);
+        assert_rel(
+            frechet_distance_with(&a, &b, true).unwrap(),
+            c["fid_forced_eps"].as_f64().unwrap(),
+            1e-6,
+            name,
+        );
+    }
+}
+
+#[test]
+fn identical_distributions_give_zero() {
+    let c = case("identical");
+    let (a, b) = stats_of(&c);
+    let d = frechet_distance(&a, &b).unwrap();
+    assert!(d.abs() < 1e-9, "{d}");
+    assert!(c["fid"].as_f64().unwrap().abs() < 1e-9);
+}
+
+#[test]
+fn errors_on_mismatched_dimensions_and_indefinite_covariances() {
+    tch::set_num_threads(1);
+    let a = Statistics::new(vec![0.0; 2], vec![1.0, 0.0, 0.0, 1.0]).unwrap();
+    let b = Statistics::new(vec![0.0; 1], vec![1.0]).unwrap();
+    assert!(matches!(frechet_distance(&a, &b), Err(FidError::Shape(_))));
+    assert!(Statistics::new(vec![0.0; 2], vec![1.0]).is_err());
+    // An indefinite "covariance": sqrtm of the product has a large imaginary part.
+    let bad = Statistics::new(vec![0.0; 2], vec![1.0, 0.0, 0.0, -4.0]).unwrap();
+    let err = frechet_distance(&a, &bad).unwrap_err();
+    assert!(matches!(err, FidError::Imaginary(_)), "{err}");
+    assert!(err.to_string().contains("imaginary component"), "{err}");
+}
+
+#[test]
+fn npz_written_by_numpy_reads_and_round_trips() {
+    let expected = json("stats.json");
+    let s = read_stats(&fixture("stats.npz")).unwrap();
+    assert_eq!(s.mu, floats(&expected["mu"]));
+    assert_eq!(s.sigma, floats(&expected["sigma"]));
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("out.npz");
+    write_stats(&s, &path).unwrap();
+    assert_eq!(read_stats(&path).unwrap(), s);
+    let err = read_stats(&fixture("reference.json")).unwrap_err().to_string();
+    assert!(err.contains("not a .npz archive"), "{err}");
+}
+
+#[test]
+fn torchscript_extractor_loads_and_matches_pytorch() {
+    tch::set_num_threads(1);
+    let meta = json("tiny_extractor.json");
+    let size = meta["size"].as_u64().unwrap() as usize;
+    let e = Extractor::torchscript(&fixture("tiny_extractor.pt"), size, Device::Cpu).unwrap();
+    let probe: Vec<u8> =
+        meta["probe"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u8).collect();
+    let images = Tensor::from_slice(&probe).view([2, 3, 8, 8]);
+    let f = e.features(&images, 1).unwrap();
+    assert_eq!(f.size(), vec![2, meta["dim"].as_i64().unwrap()]);
+    let expected = matrix(&meta["probe_features"]).to_kind(Kind::Float);
+    let err = f64::try_from((&f - &expected).abs().max()).unwrap();
+    assert!(err < 1e-5, "max abs error {err}");
+    // Grayscale images are repeated to three channels.
+    let gray = Tensor::zeros([3, 1, 8, 8], (Kind::Uint8, Device::Cpu));
+    assert_eq!(e.features(&gray, 2).unwrap().size(), vec![3, 6]);
+    // A missing module names its path.
+    let missing = Extractor::torchscript(&fixture("nope.pt"), size, Device::Cpu).unwrap_err();
+    assert!(missing.to_string().contains("nope.pt"), "{missing}");
+}
+
+#[test]
+fn classifier_learns_rotations_and_gives_penultimate_features() {
+    tch::set_num_threads(1);
+    tch::manual_seed(0);
+    let config = ClassifierConfig {
+        in_channels: 1,
+        image_size: 8,
+        features: 16,
+        classes: 4,
+        target: Target::Rotation,
+        train_accuracy: None,
+    };
+    let mut c = Classifier::new(config.clone(), Device::Cpu);
+    // An asymmetric pattern: one bright corner, plus noise.
+    let base = Tensor::zeros([1, 1, 8, 8], (Kind::Float, Device::Cpu)) - 1.0;
+    let _ = base.narrow(2, 0, 3).narrow(3, 0, 3).fill_(1.0);
+    let mut batch = |step: usize| -> anyhow::Result<(Tensor, Tensor)> {
+        let k: Vec<i64> = (0..16).map(|i| ((i + step) % 4) as i64).collect();
+        let x = base.repeat([16, 1, 1, 1])
+            + Tensor::randn([16, 1, 8, 8], (Kind::Float, Device::Cpu)) * 0.1;
+        Ok((rotate_quarters(&x, &k), Tensor::from_slice(&k)))
+    };
+    let acc = c.train(150, 1e-2, &mut batch, &Default::default()).unwrap();
+    assert!(acc > 0.9, "accuracy {acc}");
+    let images = Tensor::zeros([5, 1, 8, 8], (Kind::Uint8, Device::Cpu));
+    let e = Extractor::Classifier(c);
+    assert_eq!(e.features(&images, 2).unwrap().size(), vec![5, 16]);
+    // Saved weights load back to the same features.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.safetensors");
+    let Extractor::Classifier(c) = e else { unreachable!() };
+    c.save(&path).unwrap();
+    let back = Classifier::load(c.config(), &path, Device::Cpu).unwrap();
+    let probe = Tensor::randint(255, [3, 1, 8, 8], (Kind::Uint8, Device::Cpu));
+    assert!(c.features(&probe).equal(&back.features(&probe)));
+}
+
+#[test]
+fn image_folders_load_in_name_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let images = Tensor::arange(2 * 3 * 4 * 5, (Kind::Int64, Device::Cpu))
+        .remainder(256)
+        .to_kind(Kind::Uint8)
+        .view([2, 3, 4, 5]);
+    progdiff_stages::image_io::write_pngs(&images, dir.path()).unwrap();
+    let back = load_folder(dir.path(), 3).unwrap();
+    assert!(back.equal(&images));
+    assert_eq!(load_folder(dir.path(), 1).unwrap().size(), vec![2, 1, 4, 5]);
+    let empty = tempfile::tempdir().unwrap();
+    let err = load_folder(empty.path(), 3).unwrap_err().to_string();
+    assert!(err.contains("has no .png or .jpg images"), "{err}");
+}

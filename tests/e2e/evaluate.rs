@@ -1,0 +1,102 @@
+//! The evaluation pipeline end to end (`manifests/ci/evaluate.yaml`): a self-trained FID
+//! extractor with reference statistics, baseline and progressive evaluations, `progdiff report`
+//! before and after the run, and `progdiff fid` on the statistics and image folders it leaves.
+
+use crate::common::{Project, repo, stderr, stdout};
+
+fn rows(p: &Project, manifest: &str) -> Vec<serde_json::Value> {
+    let (out, v) = p.json(&["report", "--format", "json", manifest]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    v.as_array().unwrap().clone()
+}
+
+#[test]
+fn ci_evaluate_manifest_reports_baseline_and_progressive_rows() {
+    let p = Project::new();
+    let text = std::fs::read_to_string(repo().join("manifests/ci/evaluate.yaml")).unwrap();
+    p.write("evaluate.yaml", &text);
+
+    // Before anything ran: both rows, marked missing, with no numbers.
+    let before = rows(&p, "evaluate.yaml");
+    assert_eq!(before.len(), 2);
+    for r in &before {
+        assert_eq!(r["evaluated"], false);
+        assert!(r["fid"].is_null() && r["macs"].is_null() && r["params"].is_null(), "{r}");
+    }
+    let md = stdout(&p.run(&["report", "evaluate.yaml"]));
+    assert!(md.contains("| IDDPM | eval_base | missing | missing | missing | 30 |"), "{md}");
+
+    let (out, run) = p.json(&["run", "--json", "evaluate.yaml"]);
+    assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
+    let outputs = |id: &str| {
+        run["stages"].as_array().unwrap().iter().find(|s| s["id"] == id).unwrap()["outputs"].clone()
+    };
+    for id in ["eval_base", "eval_progressive"] {
+        let o = outputs(id);
+        for f in ["metrics.json", "samples.png", "samples.npz"] {
+            assert!(o[f].is_string(), "`{id}` has no `{f}`: {o}");
+        }
+    }
+    let features = outputs("features");
+    for f in ["extractor.json", "classifier.safetensors", "reference.npz"] {
+        assert!(features[f].is_string(), "`features` has no `{f}`: {features}");
+    }
+
+    let after = rows(&p, "evaluate.yaml");
+    assert_eq!(after.len(), 2);
+    let (base, prog) = (&after[0], &after[1]);
+    assert_eq!(base["label"], "IDDPM");
+    assert_eq!(prog["label"], "IDDPM + step-adaptive");
+    for r in [base, prog] {
+        assert_eq!(r["evaluated"], true);
+        let fid = r["fid"].as_f64().unwrap();
+        assert!(fid.is_finite() && fid >= -1e-9, "{r}");
+        assert!(r["macs"].as_f64().unwrap() > 0.0 && r["params"].as_f64().unwrap() > 0.0);
+        assert_eq!(r["samples"], 8);
+    }
+    assert_eq!(base["models"], 1);
+    assert_eq!(prog["models"], 2);
+    // Base training only, vs base + 2 groups x 10 fine-tuning steps.
+    assert_eq!(base["training_steps"], 30);
+    assert_eq!(prog["training_steps"], 50);
+    let csv = stdout(&p.run(&["report", "--format", "csv", "evaluate.yaml"]));
+    assert_eq!(csv.lines().count(), 3, "{csv}");
+
+    // `progdiff fid` between the statistics the evaluation left: the stage's own value.
+    let stats = outputs("eval_base")["samples.npz"].as_str().unwrap().to_string();
+    let reference = features["reference.npz"].as_str().unwrap().to_string();
+    let out = p.run(&["fid", &stats, &reference]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let printed: f64 = stdout(&out).trim().strip_prefix("FID: ").unwrap().parse().unwrap();
+    let fid = base["fid"].as_f64().unwrap();
+    assert!((printed - fid).abs() <= 1e-6 * fid.abs().max(1.0), "{printed} vs {fid}");
+
+    // An image folder through a TorchScript extractor, saved as statistics, compared to itself.
+    let grid = outputs("eval_base")["samples.png"].as_str().unwrap().to_string();
+    let folder = p.path().join("images");
+    std::fs::create_dir(&folder).unwrap();
+    for name in ["a.png", "b.png", "c.png"] {
+        std::fs::copy(&grid, folder.join(name)).unwrap();
+    }
+    let module = repo().join("stages/tests/fixtures/fid/tiny_extractor.pt");
+    let module = module.to_str().unwrap();
+    let out = p.run(&[
+        "fid",
+        "images",
+        "images.npz",
+        "--save-stats",
+        "--extractor",
+        module,
+        "--size",
+        "16",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = p.run(&["fid", "images.npz", "images", "--extractor", module, "--size", "16"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let d: f64 = stdout(&out).trim().strip_prefix("FID: ").unwrap().parse().unwrap();
+    assert!(d.abs() < 1e-9, "{d}");
+    // A folder without an extractor is an error with a hint.
+    let out = p.run(&["fid", "images", "images.npz"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("hint: pass `--extractor"), "{}", stderr(&out));
+}
