@@ -168,7 +168,7 @@ impl Checkpoint {
     /// same directory, then a rename).
     pub fn save(&self, path: &Path) -> Result<(), CheckpointError> {
         let io = |source| CheckpointError::Io { path: path.to_path_buf(), source };
-        let mut metadata = HashMap::new();
+        let mut metadata = BTreeMap::new();
         metadata.insert("format".to_string(), FORMAT.to_string());
         let arch = serde_json::to_string(&self.arch).expect("UNetArch serialises to JSON");
         metadata.insert("arch".to_string(), arch);
@@ -183,9 +183,9 @@ impl Checkpoint {
 
         let file_name = path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
         let tmp = path.with_file_name(format!(".{file_name}.tmp-{}", std::process::id()));
-        let written = safetensors::tensor::serialize_to_file(views, &Some(metadata), &tmp)
-            .map_err(|e| CheckpointError::Format { path: tmp.clone(), message: e.to_string() })
-            .and_then(|()| std::fs::rename(&tmp, path).map_err(io));
+        let written = std::fs::write(&tmp, serialize_sorted(&metadata, &views))
+            .and_then(|()| std::fs::rename(&tmp, path))
+            .map_err(io);
         if written.is_err() {
             let _ = std::fs::remove_file(&tmp);
         }
@@ -292,6 +292,39 @@ fn read_file(path: &Path) -> Result<RawFile, CheckpointError> {
 }
 
 /// A tensor's bytes, for `safetensors::serialize_to_file`.
+/// The safetensors format (8-byte little-endian header length, JSON header, data), written with
+/// the metadata and tensors in sorted order so the same checkpoint always has the same bytes —
+/// the cache addresses files by content, and `safetensors::serialize` writes its metadata
+/// `HashMap` in a per-process random order.
+fn serialize_sorted(metadata: &BTreeMap<String, String>, tensors: &[(&str, Bytes)]) -> Vec<u8> {
+    let mut header = serde_json::Map::new();
+    header.insert("__metadata__".into(), serde_json::to_value(metadata).expect("strings"));
+    let mut offset = 0usize;
+    for (name, b) in tensors {
+        let end = offset + b.data.len();
+        header.insert(
+            (*name).to_string(),
+            serde_json::json!({
+                "dtype": serde_json::to_value(b.dtype).expect("dtype serialises"),
+                "shape": b.shape,
+                "data_offsets": [offset, end],
+            }),
+        );
+        offset = end;
+    }
+    let mut head = serde_json::to_vec(&serde_json::Value::Object(header)).expect("JSON");
+    while head.len() % 8 != 0 {
+        head.push(b' ');
+    }
+    let mut out = Vec::with_capacity(8 + head.len() + offset);
+    out.extend_from_slice(&(head.len() as u64).to_le_bytes());
+    out.extend_from_slice(&head);
+    for (_, b) in tensors {
+        out.extend_from_slice(&b.data);
+    }
+    out
+}
+
 struct Bytes {
     dtype: Dtype,
     shape: Vec<usize>,

@@ -194,3 +194,17 @@ fn fine_tuning_starts_from_upstream_weights_and_trains_on_its_group() {
         }
     }
 }
+
+#[test]
+fn saving_a_checkpoint_twice_gives_identical_bytes() {
+    // The cache addresses outputs by content: the same weights must always be the same file.
+    let dir = tempfile::tempdir().unwrap();
+    let c = ctx(dir.path(), "base", &dir.path().join("w"), vec![]);
+    run(&c, &TrainParams { steps: 1, batch_size: 2, log_every: 1, ..TrainParams::default() });
+    let ck = Checkpoint::load(&c.out_dir.join(train::MODEL_FILE)).unwrap();
+    let (a, b) = (dir.path().join("a.safetensors"), dir.path().join("b.safetensors"));
+    ck.save(&a).unwrap();
+    ck.save(&b).unwrap();
+    assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
+    assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(c.out_dir.join(train::MODEL_FILE)).unwrap());
+}
