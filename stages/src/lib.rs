@@ -17,6 +17,7 @@ pub mod diffusion;
 pub mod image_io;
 pub mod import;
 pub mod plot;
+pub mod prune;
 pub mod sample;
 pub mod schedule;
 pub mod train;
