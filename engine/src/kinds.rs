@@ -12,6 +12,7 @@ use progdiff_stages::config::DiffusionConfig;
 use progdiff_stages::context::StageContext;
 use progdiff_stages::data::DataConfig;
 use progdiff_stages::import::{self, ImportParams};
+use progdiff_stages::prune::{self, PruneInputs, PruneParams};
 use progdiff_stages::train::{self, TrainInputs, TrainParams};
 use serde::Serialize;
 use serde_json::Value;
@@ -30,12 +31,14 @@ pub enum StageParams {
     Train(TrainParams),
     /// `import`: an external checkpoint as a model.
     Import(ImportParams),
+    /// `prune`: a group's copy of a checkpoint pruned to its FLOPs bound.
+    Prune(PruneParams),
 }
 
 impl StageParams {
     /// Every kind name, for messages and the schema.
     pub const KINDS: &'static [&'static str] =
-        &[train::KIND, allocate::KIND, import::KIND, command::KIND];
+        &[train::KIND, allocate::KIND, import::KIND, command::KIND, prune::KIND];
 
     /// Parses the parameters of a stage of kind `kind` from its mapping `body`.
     pub(crate) fn parse(
@@ -87,6 +90,16 @@ impl StageParams {
                     None
                 }
             }
+            prune::KIND => {
+                let p: PruneParams = cx.deserialize(body, prefix, STAGE_KEYS)?;
+                let errs = p.validate();
+                if errs.is_empty() {
+                    Some(StageParams::Prune(p))
+                } else {
+                    cx.field_errors(body, prefix, errs);
+                    None
+                }
+            }
             other => {
                 let pos = body.get("kind").map(|n| n.pos).unwrap_or(body.pos);
                 let names =
@@ -108,6 +121,7 @@ impl StageParams {
             StageParams::Command(_) => command::KIND,
             StageParams::Train(_) => train::KIND,
             StageParams::Import(_) => import::KIND,
+            StageParams::Prune(_) => prune::KIND,
         }
     }
 
@@ -118,19 +132,23 @@ impl StageParams {
             StageParams::Command(_) => command::VERSION,
             StageParams::Train(_) => train::VERSION,
             StageParams::Import(_) => import::VERSION,
+            StageParams::Prune(_) => prune::VERSION,
         }
     }
 
     /// Whether the kind reads the manifest's `data:` section.
     pub fn needs_data(&self) -> bool {
-        matches!(self, StageParams::Train(_))
+        matches!(self, StageParams::Train(_) | StageParams::Prune(_))
     }
 
     /// Number of timestep groups, for kinds that define them (allocation).
     pub fn groups(&self) -> Option<usize> {
         match self {
             StageParams::SnrAllocate(p) => Some(p.groups),
-            StageParams::Command(_) | StageParams::Train(_) | StageParams::Import(_) => None,
+            StageParams::Command(_)
+            | StageParams::Train(_)
+            | StageParams::Import(_)
+            | StageParams::Prune(_) => None,
         }
     }
 
@@ -163,6 +181,21 @@ impl StageParams {
                     data_values(data, &mut out);
                 }
             }
+            StageParams::Prune(p) => {
+                // The architecture comes from the upstream checkpoint (its key covers it).
+                flatten(stage, &to_value(p), &mut out);
+                out.insert("seed".into(), to_value(m.seed));
+                out.insert("diffusion.steps".into(), to_value(m.diffusion.steps));
+                out.insert("diffusion.schedule".into(), to_value(m.diffusion.schedule));
+                out.insert("diffusion.loss".into(), to_value(m.diffusion.loss));
+                out.insert(
+                    "diffusion.rescale_timesteps".into(),
+                    to_value(m.diffusion.rescale_timesteps),
+                );
+                if let Some(data) = &m.data {
+                    data_values(data, &mut out);
+                }
+            }
             StageParams::Import(_) => {
                 // The file locations are not part of the key: their content digests are.
                 flatten("model", &to_value(&m.model), &mut out);
@@ -176,7 +209,9 @@ impl StageParams {
         match self {
             StageParams::SnrAllocate(_) => Vec::new(),
             StageParams::Command(p) => p.inputs.iter().map(|i| (i.clone(), m.resolve(i))).collect(),
-            StageParams::Train(_) => m.data.as_ref().map(|d| data_files(d, m)).unwrap_or_default(),
+            StageParams::Train(_) | StageParams::Prune(_) => {
+                m.data.as_ref().map(|d| data_files(d, m)).unwrap_or_default()
+            }
             StageParams::Import(p) => {
                 let mut v = vec![("path".to_string(), m.resolve(&p.path))];
                 if let Some(e) = &p.ema_path {
@@ -206,6 +241,14 @@ impl StageParams {
                 train::run(ctx, p, &inputs)
             }
             StageParams::Import(p) => import::run(ctx, p, &m.model, &m.dir),
+            StageParams::Prune(p) => {
+                let data = m
+                    .data
+                    .as_ref()
+                    .ok_or_else(|| anyhow::anyhow!("the manifest has no `data:` section"))?;
+                let inputs = PruneInputs { data, diffusion: &m.diffusion, manifest_dir: &m.dir };
+                prune::run(ctx, p, &inputs)
+            }
         }
     }
 
@@ -216,6 +259,7 @@ impl StageParams {
             (command::KIND, generator.root_schema_for::<CommandParams>().to_value()),
             (train::KIND, generator.root_schema_for::<TrainParams>().to_value()),
             (import::KIND, generator.root_schema_for::<ImportParams>().to_value()),
+            (prune::KIND, generator.root_schema_for::<PruneParams>().to_value()),
         ]
     }
 }

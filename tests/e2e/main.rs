@@ -3,4 +3,5 @@
 mod common;
 mod engine;
 mod manifests;
+mod prune;
 mod validate;
