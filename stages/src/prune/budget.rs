@@ -90,16 +90,14 @@ impl ScorePriority {
 }
 
 impl Priority for ScorePriority {
-    fn shrink(&self, s: &Structure, w: &[usize], u: usize, saved: u64) -> f64 {
+    fn shrink(&self, _: &Structure, w: &[usize], u: usize, saved: u64) -> f64 {
         let groups = self.ranked[u].len();
         let k = w[u] / groups - 1; // the last kept rank in each group goes
-        let _ = s;
         self.at(u, k) / saved.max(1) as f64
     }
-    fn grow(&self, s: &Structure, w: &[usize], u: usize, added: u64) -> f64 {
+    fn grow(&self, _: &Structure, w: &[usize], u: usize, added: u64) -> f64 {
         let groups = self.ranked[u].len();
         let k = w[u] / groups; // the best dropped rank in each group comes back
-        let _ = s;
         -(self.at(u, k) / added.max(1) as f64)
     }
 }

@@ -100,6 +100,9 @@ pub struct Structure {
     out_stream: usize,
 }
 
+/// Along one dimension of one parameter: which indices some unit covers, and which it keeps.
+type Masks = (Vec<bool>, Vec<bool>);
+
 /// The image input: a stream that is not a unit.
 const IMAGE: usize = usize::MAX;
 
@@ -406,7 +409,7 @@ impl Structure {
         self.check(plan).map_err(|e| anyhow::anyhow!("invalid pruning plan: {e}"))?;
         let kept = self.kept(plan, scores);
         // Per (param, dim): the indices each covering slot keeps; uncovered indices stay.
-        let mut keep: BTreeMap<(&str, usize), (Vec<bool>, Vec<bool>)> = BTreeMap::new();
+        let mut keep: BTreeMap<(&str, usize), Masks> = BTreeMap::new();
         for slot in &self.slots {
             let t = base
                 .tensors
