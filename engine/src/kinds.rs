@@ -14,6 +14,7 @@ use progdiff_stages::data::DataConfig;
 use progdiff_stages::evaluate::{self, EvaluateParams};
 use progdiff_stages::fid::stage::{self as fid_extractor, ExtractorKind, ExtractorParams};
 use progdiff_stages::import::{self, ImportParams};
+use progdiff_stages::prune::{self, PruneInputs, PruneParams};
 use progdiff_stages::train::{self, TrainInputs, TrainParams};
 use serde::Serialize;
 use serde_json::Value;
@@ -36,6 +37,8 @@ pub enum StageParams {
     Evaluate(EvaluateParams),
     /// `fid-extractor`: the FID feature extractor and the dataset's reference statistics.
     FidExtractor(ExtractorParams),
+    /// `prune`: a group's copy of a checkpoint pruned to its FLOPs bound.
+    Prune(PruneParams),
 }
 
 impl StageParams {
@@ -47,6 +50,7 @@ impl StageParams {
         command::KIND,
         evaluate::KIND,
         fid_extractor::KIND,
+        prune::KIND,
     ];
 
     /// Parses the parameters of a stage of kind `kind` from its mapping `body`.
@@ -99,6 +103,16 @@ impl StageParams {
                     None
                 }
             }
+            prune::KIND => {
+                let p: PruneParams = cx.deserialize(body, prefix, STAGE_KEYS)?;
+                let errs = p.validate();
+                if errs.is_empty() {
+                    Some(StageParams::Prune(p))
+                } else {
+                    cx.field_errors(body, prefix, errs);
+                    None
+                }
+            }
             evaluate::KIND => {
                 let p: EvaluateParams = cx.deserialize(body, prefix, STAGE_KEYS)?;
                 let errs = p.validate();
@@ -142,6 +156,7 @@ impl StageParams {
             StageParams::Import(_) => import::KIND,
             StageParams::Evaluate(_) => evaluate::KIND,
             StageParams::FidExtractor(_) => fid_extractor::KIND,
+            StageParams::Prune(_) => prune::KIND,
         }
     }
 
@@ -154,12 +169,13 @@ impl StageParams {
             StageParams::Import(_) => import::VERSION,
             StageParams::Evaluate(_) => evaluate::VERSION,
             StageParams::FidExtractor(_) => fid_extractor::VERSION,
+            StageParams::Prune(_) => prune::VERSION,
         }
     }
 
     /// Whether the kind reads the manifest's `data:` section.
     pub fn needs_data(&self) -> bool {
-        matches!(self, StageParams::Train(_) | StageParams::FidExtractor(_))
+        matches!(self, StageParams::Train(_) | StageParams::FidExtractor(_) | StageParams::Prune(_))
     }
 
     /// Number of timestep groups, for kinds that define them (allocation).
@@ -167,7 +183,7 @@ impl StageParams {
         match self {
             StageParams::SnrAllocate(p) => Some(p.groups),
             StageParams::Command(_) | StageParams::Train(_) | StageParams::Import(_) => None,
-            StageParams::Evaluate(_) | StageParams::FidExtractor(_) => None,
+            StageParams::Evaluate(_) | StageParams::FidExtractor(_) | StageParams::Prune(_) => None,
         }
     }
 
@@ -189,6 +205,21 @@ impl StageParams {
                 flatten(stage, &to_value(p), &mut out);
                 out.insert("seed".into(), to_value(m.seed));
                 flatten("model", &to_value(&m.model), &mut out);
+                out.insert("diffusion.steps".into(), to_value(m.diffusion.steps));
+                out.insert("diffusion.schedule".into(), to_value(m.diffusion.schedule));
+                out.insert("diffusion.loss".into(), to_value(m.diffusion.loss));
+                out.insert(
+                    "diffusion.rescale_timesteps".into(),
+                    to_value(m.diffusion.rescale_timesteps),
+                );
+                if let Some(data) = &m.data {
+                    data_values(data, &mut out);
+                }
+            }
+            StageParams::Prune(p) => {
+                // The architecture comes from the upstream checkpoint (its key covers it).
+                flatten(stage, &to_value(p), &mut out);
+                out.insert("seed".into(), to_value(m.seed));
                 out.insert("diffusion.steps".into(), to_value(m.diffusion.steps));
                 out.insert("diffusion.schedule".into(), to_value(m.diffusion.schedule));
                 out.insert("diffusion.loss".into(), to_value(m.diffusion.loss));
@@ -229,7 +260,9 @@ impl StageParams {
         match self {
             StageParams::SnrAllocate(_) => Vec::new(),
             StageParams::Command(p) => p.inputs.iter().map(|i| (i.clone(), m.resolve(i))).collect(),
-            StageParams::Train(_) => m.data.as_ref().map(|d| data_files(d, m)).unwrap_or_default(),
+            StageParams::Train(_) | StageParams::Prune(_) => {
+                m.data.as_ref().map(|d| data_files(d, m)).unwrap_or_default()
+            }
             StageParams::Import(p) => {
                 let mut v = vec![("path".to_string(), m.resolve(&p.path))];
                 if let Some(e) = &p.ema_path {
@@ -267,6 +300,14 @@ impl StageParams {
                 train::run(ctx, p, &inputs)
             }
             StageParams::Import(p) => import::run(ctx, p, &m.model, &m.dir),
+            StageParams::Prune(p) => {
+                let data = m
+                    .data
+                    .as_ref()
+                    .ok_or_else(|| anyhow::anyhow!("the manifest has no `data:` section"))?;
+                let inputs = PruneInputs { data, diffusion: &m.diffusion, manifest_dir: &m.dir };
+                prune::run(ctx, p, &inputs)
+            }
             StageParams::Evaluate(p) => evaluate::run(ctx, p, &m.diffusion),
             StageParams::FidExtractor(p) => {
                 let data = m
@@ -285,6 +326,7 @@ impl StageParams {
             (command::KIND, generator.root_schema_for::<CommandParams>().to_value()),
             (train::KIND, generator.root_schema_for::<TrainParams>().to_value()),
             (import::KIND, generator.root_schema_for::<ImportParams>().to_value()),
+            (prune::KIND, generator.root_schema_for::<PruneParams>().to_value()),
             (evaluate::KIND, generator.root_schema_for::<EvaluateParams>().to_value()),
             (fid_extractor::KIND, generator.root_schema_for::<ExtractorParams>().to_value()),
         ]

@@ -19,6 +19,7 @@ pub mod fid;
 pub mod image_io;
 pub mod import;
 pub mod plot;
+pub mod prune;
 pub mod sample;
 pub mod schedule;
 pub mod train;

@@ -206,5 +206,8 @@ fn saving_a_checkpoint_twice_gives_identical_bytes() {
     ck.save(&a).unwrap();
     ck.save(&b).unwrap();
     assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
-    assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(c.out_dir.join(train::MODEL_FILE)).unwrap());
+    assert_eq!(
+        std::fs::read(&a).unwrap(),
+        std::fs::read(c.out_dir.join(train::MODEL_FILE)).unwrap()
+    );
 }

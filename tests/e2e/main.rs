@@ -4,5 +4,6 @@ mod common;
 mod engine;
 mod evaluate;
 mod manifests;
+mod prune;
 mod train;
 mod validate;

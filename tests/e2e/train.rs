@@ -28,7 +28,9 @@ fn outputs(v: &serde_json::Value) -> Vec<String> {
     // Content-addressed: the object's file name is the blake3 digest of its bytes.
     ["model.safetensors", "ema.safetensors", "metrics.jsonl"]
         .iter()
-        .map(|k| Path::new(o[*k].as_str().unwrap()).file_name().unwrap().to_string_lossy().into_owned())
+        .map(|k| {
+            Path::new(o[*k].as_str().unwrap()).file_name().unwrap().to_string_lossy().into_owned()
+        })
         .collect()
 }
 
@@ -42,7 +44,8 @@ fn a_killed_training_run_resumes_to_identical_weights() {
 
     let p = Project::new();
     p.write("m.yaml", MANIFEST);
-    let mut child = p.cmd(&["run", "m.yaml"]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let mut child =
+        p.cmd(&["run", "m.yaml"]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
     let t = Instant::now();
     while find_latest(&p.cache()).is_none() {
         assert!(t.elapsed() < Duration::from_secs(60), "no checkpoint was written");

@@ -1,0 +1,34 @@
+//! `prune`: structured pruning of a base model to one timestep group's FLOPs bound (paper
+//! section 4.3, eq. 12 and 14-17), with the importance proxies of the paper's Table 4.
+//!
+//! - [`structure`]: the prunable units of the IDDPM UNet (ResBlock hidden channels, attention
+//!   heads, residual-stream widths), plans, and slicing a checkpoint to a plan;
+//! - [`budget`]: fitting any plan to the MACs bound, tightly;
+//! - [`importance`]: random, magnitude, Taylor and Diff-Pruning scores, and the group's fixed
+//!   loss batch;
+//! - [`search`]: the memory-bank loop with an evolutionary proposer, its bank cached per round;
+//! - [`stage`]: the `for_each: group` stage itself.
+//!
+//! Outputs: the pruned `model.safetensors` and `ema.safetensors` (the same pruned weights, so a
+//! downstream `train` fine-tunes from them whichever it prefers), `report.json`
+//! ([`stage::PruneReport`]) and, for `search`, `bank.json`.
+
+pub mod budget;
+pub mod importance;
+pub mod params;
+pub mod search;
+pub mod stage;
+pub mod structure;
+
+pub use params::{ProxyParams, PruneParams};
+pub use stage::{PruneInputs, PruneReport, run};
+pub use structure::{Plan, Structure, Unit, UnitKind};
+
+/// Stage kind name.
+pub const KIND: &str = "prune";
+/// Implementation version: bump when pruning results would change.
+pub const VERSION: u32 = 1;
+/// Output: the report.
+pub const REPORT_FILE: &str = "report.json";
+/// Output of the `search` proxy: the final memory bank.
+pub const BANK_FILE: &str = "bank.json";

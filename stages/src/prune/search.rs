@@ -1,0 +1,242 @@
+//! The `search` proxy: the paper's memory-bank loop (eq. 16-17) with an evolutionary proposer
+//! in place of the LLM, so the method runs offline and deterministically.
+//!
+//! Round `r` proposes `candidates` plans — in the first round the importance-greedy plan and
+//! mutations of it, later mutations of the `parents` best plans in the bank — fits each to the
+//! bound ([`super::budget::fit`] with [`ShapePriority`]), prunes the base model with it, measures
+//! the loss on the group's fixed batch and appends `(plan, loss)` to the bank
+//! (`M_{i+1} = M_i ∪ (θ'_i, Loss)`). The plan with the lowest loss wins.
+//!
+//! **The bank is cached state.** After every round the whole bank is written to a side store
+//! beside the engine's work areas, `<cache>/v1/prune-banks/<digest>/round-<r>.json`, where the
+//! digest covers everything the bank depends on *except `rounds`*: the base checkpoint's bytes,
+//! the group (timesteps, bound), the loss batch's bytes (data, seed, `batch_size`), the diffusion
+//! settings and the search settings other than `rounds`. The stage's own cache key does include
+//! `rounds` (its outputs differ), so raising `rounds` from 5 to 8 re-runs the stage, which finds
+//! `round-5.json` and runs rounds 6-8 only; lowering it reuses `round-r.json` as is. Every round
+//! is deterministic from the manifest seed, the group and the round index, so a resumed search
+//! equals an uninterrupted one. The side store is not collected by `cache gc`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::allocate::Group;
+use crate::checkpoint::Checkpoint;
+use crate::context::StageContext;
+use crate::diffusion::GaussianDiffusion;
+
+use super::budget::{ScorePriority, ShapePriority, fit, macs_of};
+use super::importance::{self, LossBatch};
+use super::params::{ChannelImportance, DiffPruningParams, SearchParams};
+use super::stage::sub_seed;
+use super::structure::{Plan, Scores, Structure};
+
+/// Bump when a bank's contents would change for the same inputs.
+const BANK_VERSION: u32 = 1;
+
+/// One measured plan (eq. 17's `(θ'_i, Loss)`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BankEntry {
+    /// Round that proposed it (1-based).
+    pub round: usize,
+    /// Kept width per unit.
+    pub plan: Plan,
+    /// MACs of the pruned model.
+    pub macs: u64,
+    /// Mean loss on the group's fixed batch, right after pruning.
+    pub loss: f64,
+}
+
+/// The memory bank: every plan measured so far, in order.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Bank {
+    /// Rounds completed.
+    pub rounds: usize,
+    /// Entries in the order they were measured.
+    pub entries: Vec<BankEntry>,
+}
+
+impl Bank {
+    /// The entries sorted by loss (ties: earlier first).
+    pub fn ranked(&self) -> Vec<&BankEntry> {
+        let mut v: Vec<&BankEntry> = self.entries.iter().collect();
+        v.sort_by(|a, b| a.loss.total_cmp(&b.loss));
+        v
+    }
+}
+
+/// What the search works on.
+pub struct SearchEnv<'a> {
+    /// The stage instance (seed, work dir, cancellation).
+    pub ctx: &'a StageContext,
+    /// Units of the base model.
+    pub structure: &'a Structure,
+    /// The base checkpoint.
+    pub base: &'a Checkpoint,
+    /// Loss settings.
+    pub diffusion: &'a GaussianDiffusion,
+    /// The group's fixed batch.
+    pub batch: &'a LossBatch,
+    /// The group.
+    pub group: &'a Group,
+    /// MACs bound.
+    pub bound: u64,
+}
+
+/// The side-store directory of this search's banks.
+fn bank_dir(env: &SearchEnv<'_>, p: &SearchParams, scores_from: &str) -> anyhow::Result<PathBuf> {
+    let mut h = blake3::Hasher::new();
+    h.update(format!("prune-bank/{BANK_VERSION}\n").as_bytes());
+    for (name, t) in &env.base.tensors {
+        h.update(name.as_bytes());
+        h.update(&tensor_bytes(t));
+    }
+    h.update(serde_json::to_string(&env.base.arch)?.as_bytes());
+    h.update(serde_json::to_string(env.group)?.as_bytes());
+    h.update(&env.bound.to_le_bytes());
+    h.update(&env.ctx.seed.to_le_bytes());
+    for t in [&env.batch.x0, &env.batch.t, &env.batch.noise] {
+        h.update(&tensor_bytes(t));
+    }
+    h.update(format!("{:?}", env.diffusion.loss()).as_bytes());
+    h.update(&(env.diffusion.num_timesteps() as u64).to_le_bytes());
+    let key = SearchParams { rounds: 0, ..p.clone() };
+    h.update(serde_json::to_string(&key)?.as_bytes());
+    h.update(scores_from.as_bytes());
+    let digest = h.finalize().to_hex();
+    // The work area is `<cache>/v1/work/<key>`: the side store sits beside `work`.
+    let v1 = env
+        .ctx
+        .work_dir
+        .parent()
+        .and_then(Path::parent)
+        .context("the stage's work area has no cache root above it")?;
+    Ok(v1.join("prune-banks").join(digest.as_str()))
+}
+
+fn tensor_bytes(t: &tch::Tensor) -> Vec<u8> {
+    let t = t.to_device(tch::Device::Cpu).contiguous();
+    let n = t.numel() * t.kind().elt_size_in_bytes();
+    let mut buf = vec![0u8; n];
+    t.copy_data_u8(&mut buf, t.numel());
+    buf
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+/// The latest saved bank with at most `rounds` rounds.
+fn load_bank(dir: &Path, rounds: usize) -> Bank {
+    (1..=rounds)
+        .rev()
+        .find_map(|r| {
+            let bytes = std::fs::read(dir.join(format!("round-{r}.json"))).ok()?;
+            serde_json::from_slice::<Bank>(&bytes).ok().filter(|b| b.rounds == r)
+        })
+        .unwrap_or_default()
+}
+
+/// One granularity step up or down on `mutations` random units.
+fn mutate(s: &Structure, plan: &Plan, mutations: usize, rng: &mut ChaCha8Rng) -> Plan {
+    let mut w = s.widths(plan);
+    let units = s.units();
+    for _ in 0..mutations {
+        let i = rng.gen_range(0..units.len());
+        let u = &units[i];
+        if rng.gen_bool(0.5) {
+            w[i] = (w[i] + u.step).min(u.full);
+        } else {
+            w[i] = w[i].saturating_sub(u.step).max(u.min());
+        }
+    }
+    super::budget::plan_of(s, &w)
+}
+
+/// Runs (or resumes) the search; writes the final bank to `bank_out` and returns the best plan
+/// with the channel scores used to apply it.
+pub fn run(
+    env: &SearchEnv<'_>,
+    p: &SearchParams,
+    bank_out: &Path,
+) -> anyhow::Result<(Plan, Scores)> {
+    let s = env.structure;
+    let (scores, scores_from) = match p.importance {
+        ChannelImportance::Magnitude => (importance::magnitude(s, env.base), "magnitude"),
+        ChannelImportance::DiffPruning => {
+            let d = DiffPruningParams::default();
+            let (sc, _) = importance::diff_pruning(
+                s,
+                env.base,
+                env.diffusion,
+                env.batch,
+                &env.group.timesteps,
+                d.threshold,
+                d.max_timesteps,
+            )?;
+            (sc, "diff-pruning")
+        }
+    };
+    let dir = bank_dir(env, p, scores_from)?;
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating `{}`", dir.display()))?;
+    let mut bank = load_bank(&dir, p.rounds);
+    if bank.rounds > 0 {
+        tracing::info!(stage = %env.ctx.id, rounds = bank.rounds, dir = %dir.display(), "memory bank reused");
+    }
+    let greedy = fit(s, &s.full_plan(), env.bound, &ScorePriority::new(s, &scores))?;
+    while bank.rounds < p.rounds {
+        env.ctx.cancel.check()?;
+        let round = bank.rounds + 1;
+        let mut rng =
+            ChaCha8Rng::seed_from_u64(sub_seed(env.ctx.seed, env.group.index, 100 + round as u64));
+        let parents: Vec<Plan> = if bank.entries.is_empty() {
+            vec![greedy.clone()]
+        } else {
+            bank.ranked().iter().take(p.parents).map(|e| e.plan.clone()).collect()
+        };
+        let mut proposed: Vec<Plan> = Vec::new();
+        for j in 0..p.candidates {
+            let parent = &parents[j % parents.len()];
+            let mut cand = if round == 1 && j == 0 {
+                greedy.clone()
+            } else {
+                fit(s, &mutate(s, parent, p.mutations, &mut rng), env.bound, &ShapePriority)?
+            };
+            // Avoid re-measuring a plan: a few more tries, then accept the repeat.
+            for _ in 0..8 {
+                let seen = bank.entries.iter().any(|e| e.plan == cand) || proposed.contains(&cand);
+                if !seen {
+                    break;
+                }
+                cand =
+                    fit(s, &mutate(s, parent, p.mutations, &mut rng), env.bound, &ShapePriority)?;
+            }
+            proposed.push(cand);
+        }
+        for plan in proposed {
+            let pruned = s.apply(env.base, &plan, &scores)?;
+            let loss = importance::loss(&pruned, env.diffusion, env.batch)?;
+            let macs = macs_of(s, &s.widths(&plan));
+            bank.entries.push(BankEntry { round, plan, macs, loss });
+        }
+        bank.rounds = round;
+        write_atomic(&dir.join(format!("round-{round}.json")), &serde_json::to_vec(&bank)?)?;
+    }
+    // A bank loaded for fewer rounds than it holds cannot happen (files hold exactly `r`).
+    let best = bank.ranked().first().map(|e| e.plan.clone()).context("the memory bank is empty")?;
+    let out: BTreeMap<&str, serde_json::Value> = BTreeMap::from([
+        ("rounds", serde_json::to_value(bank.rounds)?),
+        ("entries", serde_json::to_value(&bank.entries)?),
+        ("best", serde_json::to_value(&best)?),
+    ]);
+    std::fs::write(bank_out, serde_json::to_vec_pretty(&out)?)?;
+    Ok((best, scores))
+}

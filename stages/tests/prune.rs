@@ -1,0 +1,349 @@
+//! Structured pruning (issue 4): exactness of an empty plan, any plan gives a working model whose
+//! counted MACs equal the analytic count, every proxy fits budgets from 0.3 to 1.0 tightly, and
+//! the `prune` stage (including the `search` proxy's cached memory bank).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use progdiff_stages::allocate::{self, AllocateParams};
+use progdiff_stages::checkpoint::Checkpoint;
+use progdiff_stages::config::{DiffusionConfig, ModelConfig};
+use progdiff_stages::context::{CancelToken, StageContext, UpstreamOutputs};
+use progdiff_stages::cost::cost;
+use progdiff_stages::data::DataConfig;
+use progdiff_stages::diffusion::GaussianDiffusion;
+use progdiff_stages::prune::budget::{ScorePriority, ShapePriority, fit, is_tight, macs_of};
+use progdiff_stages::prune::importance::{self, LossBatch};
+use progdiff_stages::prune::search::Bank;
+use progdiff_stages::prune::{self, Plan, PruneInputs, PruneParams, Structure};
+use progdiff_stages::schedule::NoiseSchedule;
+use progdiff_stages::unet::{UNet, UNetArch};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use tch::nn::VarStore;
+use tch::{Device, Kind, Tensor};
+
+fn model(channels: usize) -> ModelConfig {
+    ModelConfig {
+        image_size: 8,
+        in_channels: 1,
+        channels,
+        channel_mult: vec![1, 2],
+        res_blocks: 1,
+        attention_resolutions: vec![4],
+        heads: 2,
+        dropout: 0.0,
+        learn_sigma: true,
+        use_scale_shift_norm: true,
+    }
+}
+
+fn diffusion() -> DiffusionConfig {
+    DiffusionConfig { steps: 40, schedule: NoiseSchedule::Cosine, ..DiffusionConfig::default() }
+}
+
+fn data() -> DataConfig {
+    serde_json::from_value(serde_json::json!({
+        "kind": "synthetic", "n": 32, "image_size": 8, "channels": "gray", "seed": 3
+    }))
+    .unwrap()
+}
+
+/// A checkpoint with every weight random (the zero-initialised layers too, so every channel
+/// matters).
+fn random_checkpoint(config: &ModelConfig, seed: i64) -> Checkpoint {
+    tch::set_num_threads(1);
+    tch::manual_seed(seed);
+    let arch = UNetArch::from_config(config).unwrap();
+    let vs = VarStore::new(Device::Cpu);
+    let _net = UNet::new(&vs.root(), &arch).unwrap();
+    tch::no_grad(|| {
+        for (_, mut v) in vs.variables() {
+            v.copy_(&(Tensor::randn(v.size(), (Kind::Float, Device::Cpu)) * 0.2));
+        }
+    });
+    Checkpoint::from_var_store(&arch, &vs, BTreeMap::new()).unwrap()
+}
+
+fn forward(ckpt: &Checkpoint, x: &Tensor, t: &Tensor) -> (Tensor, u64) {
+    let vs = VarStore::new(Device::Cpu);
+    let net = ckpt.build(&vs).unwrap();
+    tch::no_grad(|| net.forward_counting_macs(x, t))
+}
+
+fn inputs() -> (Tensor, Tensor) {
+    tch::manual_seed(7);
+    (Tensor::randn([2, 1, 8, 8], (Kind::Float, Device::Cpu)), Tensor::from_slice(&[3i64, 31]))
+}
+
+fn random_plan(s: &Structure, rng: &mut ChaCha8Rng) -> Plan {
+    s.units()
+        .iter()
+        .map(|u| (u.name.clone(), u.step * rng.gen_range(1..=u.full / u.step)))
+        .collect()
+}
+
+#[test]
+fn units_cover_hidden_heads_and_streams() {
+    let s = Structure::new(&UNetArch::from_config(&model(32)).unwrap());
+    let names: Vec<&str> = s.units().iter().map(|u| u.name.as_str()).collect();
+    assert!(names.contains(&"input_blocks.1.0.hidden"));
+    assert!(names.contains(&"input_blocks.3.1.heads"));
+    assert!(names.contains(&"input_blocks.0.0.stream"));
+    assert!(names.contains(&"output_blocks.0.0.stream"));
+    // An identity-skip ResBlock writes no new stream.
+    assert!(!names.contains(&"input_blocks.1.0.stream"));
+    let err = s.check(&BTreeMap::from([("input_blocks.3.0.hidden".to_string(), 40)])).unwrap_err();
+    assert_eq!(err, "`input_blocks.3.0.hidden` keeps 40, expected a multiple of 32 in [32, 64]");
+}
+
+#[test]
+fn an_empty_plan_is_exact() {
+    let base = random_checkpoint(&model(64), 1);
+    let s = Structure::new(&base.arch);
+    let scores = importance::magnitude(&s, &base);
+    let same = s.apply(&base, &s.full_plan(), &scores).unwrap();
+    assert_eq!(same.arch, base.arch);
+    let (x, t) = inputs();
+    let (a, _) = forward(&base, &x, &t);
+    let (b, _) = forward(&same, &x, &t);
+    assert_eq!((a - b).abs().max().double_value(&[]), 0.0);
+}
+
+#[test]
+fn any_plan_runs_forward_and_backward_and_counted_macs_equal_the_analytic_count() {
+    let base = random_checkpoint(&model(64), 2);
+    let s = Structure::new(&base.arch);
+    let scores = importance::random(&s, 5);
+    let mut rng = ChaCha8Rng::seed_from_u64(9);
+    let (x, t) = inputs();
+    for _ in 0..6 {
+        let plan = random_plan(&s, &mut rng);
+        let pruned = s.apply(&base, &plan, &scores).unwrap();
+        assert_eq!(pruned.arch, s.arch_for(&plan));
+        let (y, counted) = forward(&pruned, &x, &t);
+        assert_eq!(y.size(), [2, 2, 8, 8]);
+        assert_eq!(counted, cost(&pruned.arch).macs);
+        assert_eq!(counted, macs_of(&s, &s.widths(&plan)));
+        // Backward reaches every parameter.
+        let vs = VarStore::new(Device::Cpu);
+        let net = pruned.build(&vs).unwrap();
+        net.forward_t(&x, &t, true).square().mean(None).backward();
+        for (name, v) in vs.variables() {
+            assert!(v.grad().defined(), "{name}");
+        }
+    }
+}
+
+/// A head whose `proj_out` columns are zero contributes nothing: removing it is exact, and the
+/// head kept is the one with the larger score.
+#[test]
+fn pruning_a_dead_head_is_exact() {
+    let mut base = random_checkpoint(&model(32), 3);
+    let name = "middle_block.1.proj_out.weight";
+    let w = base.tensors[name].copy();
+    let _ = w.narrow(1, 0, 32).zero_(); // head 0 of 2 (head_dim 32)
+    base.tensors.insert(name.to_string(), w);
+    let s = Structure::new(&base.arch);
+    let scores = importance::magnitude(&s, &base);
+    let unit = s.unit_index("middle_block.1.heads").unwrap();
+    assert!(scores[unit][0] < scores[unit][1]);
+    let plan = BTreeMap::from([("middle_block.1.heads".to_string(), 1)]);
+    let pruned = s.apply(&base, &plan, &scores).unwrap();
+    let (x, t) = inputs();
+    let (a, _) = forward(&base, &x, &t);
+    let (b, _) = forward(&pruned, &x, &t);
+    assert!((a - b).abs().max().double_value(&[]) < 1e-5);
+}
+
+#[test]
+fn every_importance_proxy_fits_budgets_from_0_3_to_1_tightly() {
+    let base = random_checkpoint(&model(64), 4);
+    let s = Structure::new(&base.arch);
+    let d = GaussianDiffusion::from_config(&diffusion(), true).unwrap();
+    tch::manual_seed(0);
+    let x0 = Tensor::rand([4, 1, 8, 8], (Kind::Float, Device::Cpu)) * 2 - 1;
+    let timesteps: Vec<usize> = (0..40).collect();
+    let batch = LossBatch::new(x0, &timesteps, 1, Device::Cpu);
+    let proxies = [
+        ("random", importance::random(&s, 1)),
+        ("magnitude", importance::magnitude(&s, &base)),
+        ("taylor", importance::taylor(&s, &base, &d, &batch).unwrap()),
+        (
+            "diff-pruning",
+            importance::diff_pruning(&s, &base, &d, &batch, &timesteps, 0.05, 8).unwrap().0,
+        ),
+    ];
+    let full = cost(&base.arch).macs;
+    for ratio in [0.3, 0.45, 0.6, 0.75, 0.9, 1.0] {
+        let bound = (ratio * full as f64) as u64;
+        for (name, scores) in &proxies {
+            let plan = fit(&s, &s.full_plan(), bound, &ScorePriority::new(&s, scores)).unwrap();
+            assert!(is_tight(&s, &plan, bound), "{name} at {ratio}");
+            let pruned = s.apply(&base, &plan, scores).unwrap();
+            assert!(cost(&pruned.arch).macs <= bound, "{name} at {ratio}");
+        }
+        // A proposal far outside the budget (or the ranges) is repaired too.
+        let wild: Plan = s.units().iter().map(|u| (u.name.clone(), 1000 * u.full)).collect();
+        let plan = fit(&s, &wild, bound, &ShapePriority).unwrap();
+        assert!(is_tight(&s, &plan, bound), "shape at {ratio}");
+    }
+    // The full budget keeps the whole model.
+    let plan = fit(&s, &s.full_plan(), full, &ShapePriority).unwrap();
+    assert_eq!(plan, s.full_plan());
+    // Below the smallest model: a clear error.
+    let err = fit(&s, &s.full_plan(), full / 100, &ShapePriority).unwrap_err().to_string();
+    assert!(err.contains("below the smallest model the pruning units allow"), "{err}");
+}
+
+fn ctx(
+    root: &Path,
+    name: &str,
+    work_key: &str,
+    group: usize,
+    inputs: Vec<UpstreamOutputs>,
+) -> StageContext {
+    let out = root.join("out").join(name);
+    let work = root.join("cache/v1/work").join(work_key);
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::create_dir_all(&work).unwrap();
+    StageContext {
+        id: name.to_string(),
+        group: Some(group),
+        device: "cpu".into(),
+        seed: 5,
+        inputs,
+        out_dir: out,
+        work_dir: work,
+        cancel: CancelToken::new(),
+        progress: false,
+    }
+}
+
+/// Base checkpoint and allocation as upstream outputs.
+fn upstream(root: &Path) -> Vec<UpstreamOutputs> {
+    let dir = root.join("base");
+    std::fs::create_dir_all(&dir).unwrap();
+    let base = random_checkpoint(&model(64), 6);
+    base.save(&dir.join("model.safetensors")).unwrap();
+    let mut actx = ctx(root, "allocate", "alloc", 0, Vec::new());
+    actx.group = None;
+    let ap: AllocateParams =
+        serde_json::from_value(serde_json::json!({ "groups": 2, "k": 0.5 })).unwrap();
+    allocate::run(&actx, &ap, &diffusion()).unwrap();
+    vec![
+        UpstreamOutputs {
+            id: "base".into(),
+            kind: "train".into(),
+            group: None,
+            files: BTreeMap::from([("model.safetensors".into(), dir.join("model.safetensors"))]),
+        },
+        UpstreamOutputs {
+            id: "allocate".into(),
+            kind: "snr-allocate".into(),
+            group: None,
+            files: BTreeMap::from([(
+                "allocation.json".into(),
+                actx.out_dir.join("allocation.json"),
+            )]),
+        },
+    ]
+}
+
+fn params(proxy: serde_json::Value) -> PruneParams {
+    serde_json::from_value(serde_json::json!({ "proxy": proxy, "batch_size": 4 })).unwrap()
+}
+
+fn run_stage(c: &StageContext, p: &PruneParams) -> serde_json::Value {
+    tch::set_num_threads(1);
+    let data = data();
+    let d = diffusion();
+    let inputs = PruneInputs { data: &data, diffusion: &d, manifest_dir: Path::new(".") };
+    prune::run(c, p, &inputs).unwrap();
+    serde_json::from_slice(&std::fs::read(c.out_dir.join("report.json")).unwrap()).unwrap()
+}
+
+#[test]
+fn the_stage_prunes_each_group_within_budget_with_every_importance_proxy() {
+    let root = tempfile::tempdir().unwrap();
+    let ups = upstream(root.path());
+    for (i, proxy) in ["random", "magnitude", "taylor", "diff-pruning"].into_iter().enumerate() {
+        for g in 0..2 {
+            let c = ctx(root.path(), &format!("{proxy}{g}"), &format!("k{i}{g}"), g, ups.clone());
+            let r = run_stage(&c, &params(serde_json::json!({ "kind": proxy })));
+            let macs = r["pruned"]["macs"].as_u64().unwrap();
+            assert!(macs <= r["bound_macs"].as_u64().unwrap(), "{proxy}[{g}]: {r}");
+            assert!(r["ratio_to_budget"].as_f64().unwrap() > 0.8, "{proxy}[{g}]: {r}");
+            assert!(r["loss_before"].as_f64().unwrap().is_finite());
+            assert!(r["loss_after"].as_f64().unwrap().is_finite());
+            let pruned = Checkpoint::load(&c.out_dir.join("model.safetensors")).unwrap();
+            let ema = Checkpoint::load(&c.out_dir.join("ema.safetensors")).unwrap();
+            assert_eq!(cost(&pruned.arch).macs, macs);
+            assert_eq!(pruned.arch, ema.arch);
+            assert_eq!(
+                r["units"].as_array().unwrap().len(),
+                Structure::new(&UNetArch::from_config(&model(64)).unwrap()).units().len()
+            );
+            if proxy == "diff-pruning" {
+                assert!(r["timesteps_used"].as_u64().unwrap() >= 1);
+            }
+        }
+    }
+}
+
+fn bank(dir: &Path) -> Bank {
+    let v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("bank.json")).unwrap()).unwrap();
+    Bank {
+        rounds: v["rounds"].as_u64().unwrap() as usize,
+        entries: serde_json::from_value(v["entries"].clone()).unwrap(),
+    }
+}
+
+#[test]
+fn search_is_deterministic_and_raising_rounds_reuses_the_cached_bank() {
+    let root = tempfile::tempdir().unwrap();
+    let ups = upstream(root.path());
+    let search = |rounds: usize| {
+        params(serde_json::json!({ "kind": "search", "rounds": rounds, "candidates": 2 }))
+    };
+    let c2 = ctx(root.path(), "s2", "key-rounds-2", 0, ups.clone());
+    let r2 = run_stage(&c2, &search(2));
+    let b2 = bank(&c2.out_dir);
+    assert_eq!(b2.entries.len(), 4);
+    assert!(r2["pruned"]["macs"].as_u64().unwrap() <= r2["bound_macs"].as_u64().unwrap());
+    let best = b2.ranked()[0].loss;
+    assert!((r2["loss_after"].as_f64().unwrap() - best).abs() < 1e-9);
+
+    // Mark round 2's saved bank: a run with more rounds must read it instead of recomputing.
+    let banks = root.path().join("cache/v1/prune-banks");
+    let dirs: Vec<_> = std::fs::read_dir(&banks).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(dirs.len(), 1);
+    let round2 = dirs[0].join("round-2.json");
+    let mut saved: Bank = serde_json::from_slice(&std::fs::read(&round2).unwrap()).unwrap();
+    saved.entries[3].loss += 1000.0;
+    std::fs::write(&round2, serde_json::to_vec(&saved).unwrap()).unwrap();
+
+    let c3 = ctx(root.path(), "s3", "key-rounds-3", 0, ups.clone());
+    run_stage(&c3, &search(3));
+    let b3 = bank(&c3.out_dir);
+    assert_eq!(b3.entries.len(), 6);
+    assert_eq!(b3.entries[..4], saved.entries[..], "rounds 1-2 come from the cached bank");
+
+    // A fresh cache computes the same first two rounds (deterministic from the seed).
+    let other = tempfile::tempdir().unwrap();
+    let ups2 = upstream(other.path());
+    // The same base weights (the global RNG is shared by tests running in parallel).
+    std::fs::copy(
+        root.path().join("base/model.safetensors"),
+        other.path().join("base/model.safetensors"),
+    )
+    .unwrap();
+    let c = ctx(other.path(), "s2", "key", 0, ups2);
+    run_stage(&c, &search(2));
+    let fresh = bank(&c.out_dir);
+    for (a, b) in fresh.entries.iter().zip(&b2.entries) {
+        assert_eq!(a.plan, b.plan);
+        assert!((a.loss - b.loss).abs() < 1e-9);
+    }
+}
