@@ -250,6 +250,9 @@ struct ResumeState {
     step: usize,
     epoch: u64,
     pos: usize,
+    /// The logging interval in progress, so a resumed run logs the same means.
+    #[serde(default)]
+    interval: Interval,
 }
 
 impl ResumeDir {
@@ -298,7 +301,7 @@ fn sync_dir(dir: &Path) {
 }
 
 /// Running sums for one logging interval.
-#[derive(Default)]
+#[derive(Clone, Default, Serialize, Deserialize)]
 struct Interval {
     n: usize,
     loss: f64,
@@ -323,8 +326,10 @@ pub fn run(
 
     let resume = ResumeDir { root: ctx.work_dir.clone() };
     let mut sampler = EpochSampler::new(dataset.len(), ctx.seed);
+    let mut interval = Interval::default();
     let (start, init, ema_init, moments) = match resume.latest() {
         Some((state, dir)) => {
+            interval = state.interval.clone();
             tracing::info!(stage = %ctx.id, step = state.step, "resuming from the work area");
             sampler.seek(state.epoch, state.pos);
             let moments = Tensor::read_safetensors(dir.join("adam.safetensors"))?;
@@ -356,7 +361,6 @@ pub fn run(
     let metrics_path = ctx.work_dir.join(METRICS_FILE);
     let mut metrics = open_metrics(&metrics_path, start)?;
     let bar = progress_bar(ctx, params.steps as u64, start as u64);
-    let mut interval = Interval::default();
     let mut t_log = Instant::now();
     let (c, h, w) = dataset.image_shape();
     let batch = params.batch_size;
@@ -445,7 +449,7 @@ pub fn run(
         if params.checkpoint_every > 0 && done % params.checkpoint_every == 0 && done < params.steps
         {
             let (epoch, pos) = sampler.position();
-            let state = ResumeState { step: done, epoch, pos };
+            let state = ResumeState { step: done, epoch, pos, interval: interval.clone() };
             let model = Checkpoint::from_var_store(&arch, &vs, step_state(done, None))?;
             let ema =
                 Checkpoint::from_var_store(&arch, &ema_vs, step_state(done, Some(params.ema)))?;

@@ -15,7 +15,7 @@ model: { image_size: 8, in_channels: 1, channels: 32, channel_mult: [1], res_blo
          attention_resolutions: [], heads: 1, dropout: 0.1 }
 diffusion: { steps: 40, schedule: cosine }
 stages:
-  base: { kind: train, steps: 400, batch_size: 4, lr: 1.0e-3, ema: 0.9, log_every: 50, checkpoint_every: 5 }
+  base: { kind: train, steps: 150, batch_size: 4, lr: 1.0e-3, ema: 0.9, log_every: 50, checkpoint_every: 5 }
 ";
 
 fn find_latest(dir: &Path) -> Option<PathBuf> {
