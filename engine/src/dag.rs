@@ -6,7 +6,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::fmt::Write as _;
 
-use petgraph::algo::{tarjan_scc, toposort};
+use petgraph::algo::tarjan_scc;
 use petgraph::graph::{DiGraph, NodeIndex};
 
 use crate::manifest::{ForEach, Manifest, StageDecl};
@@ -44,6 +44,30 @@ fn stage_graph(decls: &[StageDecl]) -> (DiGraph<usize, ()>, Vec<NodeIndex>) {
         }
     }
     (g, nodes)
+}
+
+/// A topological order that keeps manifest order wherever dependencies allow (Kahn's algorithm
+/// taking the earliest-declared ready stage first), so plans read like the manifest.
+fn stable_toposort(g: &DiGraph<usize, ()>) -> Vec<NodeIndex> {
+    let mut indegree: Vec<usize> = g
+        .node_indices()
+        .map(|n| g.neighbors_directed(n, petgraph::Direction::Incoming).count())
+        .collect();
+    let mut ready: BTreeSet<(usize, NodeIndex)> =
+        g.node_indices().filter(|n| indegree[n.index()] == 0).map(|n| (g[n], n)).collect();
+    let mut order = Vec::with_capacity(g.node_count());
+    while let Some(first) = ready.pop_first() {
+        let n = first.1;
+        order.push(n);
+        for next in g.neighbors_directed(n, petgraph::Direction::Outgoing) {
+            indegree[next.index()] -= 1;
+            if indegree[next.index()] == 0 {
+                ready.insert((g[next], next));
+            }
+        }
+    }
+    assert_eq!(order.len(), g.node_count(), "validated manifests have no cycles");
+    order
 }
 
 /// A dependency cycle among the declared stages, as stage names in `needs` order, if any.
@@ -107,7 +131,7 @@ impl Dag {
     /// Expands a validated manifest's stages into instances.
     pub fn build(m: &Manifest) -> Dag {
         let (g, _) = stage_graph(&m.stages);
-        let order = toposort(&g, None).expect("validated manifests have no cycles");
+        let order = stable_toposort(&g);
         let mut instances: Vec<Instance> = Vec::new();
         // stage index -> instance indices (one, or one per group)
         let mut of_stage: HashMap<usize, Vec<usize>> = HashMap::new();

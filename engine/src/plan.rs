@@ -15,6 +15,9 @@ use crate::dag::Dag;
 use crate::fingerprint::{FINGERPRINT_FORMAT, Fingerprint};
 use crate::manifest::Manifest;
 
+/// The digest recorded for an external input that does not exist.
+pub const MISSING_INPUT: &str = "missing";
+
 /// Whether an instance must run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -82,7 +85,15 @@ pub fn plan(m: &Manifest, dag: &Dag, cache: &Cache) -> anyhow::Result<Plan> {
     for inst in &dag.instances {
         let decl = &m.stages[inst.stage];
         let mut inputs = BTreeMap::new();
+        let mut missing = Vec::new();
         for (label, path) in decl.params.external_inputs(m) {
+            if !path.exists() {
+                // Planning works without the data (e.g. a paper-scale manifest on a laptop);
+                // the stage cannot be cached under this key and fails clearly if run.
+                missing.push(format!("input `{label}` not found at `{}`", path.display()));
+                inputs.insert(label, MISSING_INPUT.to_string());
+                continue;
+            }
             let d = cache
                 .file_digest(&path)
                 .with_context(|| format!("stage `{}` reads input `{label}`", inst.id))?;
@@ -109,7 +120,7 @@ pub fn plan(m: &Manifest, dag: &Dag, cache: &Cache) -> anyhow::Result<Plan> {
             None => None,
         };
         let last_duration_s = record.as_ref().or(previous.as_ref()).map(|r| r.meta.duration_s);
-        let (status, reasons) = if record.is_some() {
+        let (status, mut reasons) = if record.is_some() {
             (PlanStatus::Cached, Vec::new())
         } else {
             let reasons = match &previous {
@@ -130,6 +141,15 @@ pub fn plan(m: &Manifest, dag: &Dag, cache: &Cache) -> anyhow::Result<Plan> {
             };
             (PlanStatus::Run, reasons)
         };
+        if status == PlanStatus::Run && !missing.is_empty() {
+            reasons.retain(|r| r != "never run");
+            let first = missing.swap_remove(0);
+            let note = match missing.len() {
+                0 => first,
+                n => format!("{first} (and {n} more inputs)"),
+            };
+            reasons.insert(0, note);
+        }
         if status == PlanStatus::Run {
             // The first reason that is not itself "upstream changed" is the root cause.
             let own = reasons.iter().find(|r| !r.starts_with("upstream ")).cloned();

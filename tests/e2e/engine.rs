@@ -235,3 +235,24 @@ fn graph_draws_fanned_out_instances() {
     assert!(mermaid.starts_with("flowchart LR"), "{mermaid}");
     assert_eq!(mermaid.matches("-->").count(), 4 * 2 + 4);
 }
+
+#[test]
+fn a_manifest_plans_without_its_data_and_says_what_is_missing() {
+    let p = Project::new();
+    p.write(
+        "m.yaml",
+        "data: { kind: cifar10, path: nowhere }
+model: { image_size: 8, in_channels: 3, channels: 32, channel_mult: [1], res_blocks: 1, attention_resolutions: [] }
+stages:
+  base: { kind: train, steps: 1 }
+",
+    );
+    let (out, plan) = p.json(&["plan", "--json", "m.yaml"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let reasons = &stage_rows(&plan)[0].2;
+    assert!(reasons[0].starts_with("input `data:data_batch_1.bin` not found at"), "{reasons:?}");
+    assert!(reasons[0].ends_with("(and 4 more inputs)"), "{reasons:?}");
+    let (out, v) = p.json(&["run", "--json", "m.yaml"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(v["stages"][0]["error"].as_str().unwrap().contains("data_batch_1.bin"), "{v:#}");
+}
