@@ -313,7 +313,7 @@ fn serialize_sorted(metadata: &BTreeMap<String, String>, tensors: &[(&str, Bytes
         offset = end;
     }
     let mut head = serde_json::to_vec(&serde_json::Value::Object(header)).expect("JSON");
-    while head.len() % 8 != 0 {
+    while !head.len().is_multiple_of(8) {
         head.push(b' ');
     }
     let mut out = Vec::with_capacity(8 + head.len() + offset);

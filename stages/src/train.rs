@@ -186,7 +186,7 @@ fn stream(seed: u64, step: u64, purpose: u64) -> u64 {
 /// `n` uniform draws below `bound` from a stream (rejection-free multiply-shift; bias < 2^-32
 /// for the bounds used here).
 fn uniform_indices(state: u64, n: usize, bound: usize) -> Vec<usize> {
-    (0..n as u64).map(|i| ((mix(state ^ i) >> 32) * bound as u64 >> 32) as usize).collect()
+    (0..n as u64).map(|i| (((mix(state ^ i) >> 32) * bound as u64) >> 32) as usize).collect()
 }
 
 /// Where training starts: scratch (seeded init) or an upstream checkpoint.
