@@ -18,6 +18,7 @@
 
 use std::collections::BTreeMap;
 use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::process::CommandExt as _;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -96,6 +97,8 @@ pub fn run(ctx: &StageContext, params: &CommandParams, manifest_dir: &Path) -> a
         .arg(&params.run)
         .current_dir(manifest_dir)
         .stdin(Stdio::null())
+        // Its own process group, so an interruption stops everything the command started.
+        .process_group(0)
         .stdout(log.try_clone()?)
         .stderr(log)
         .env("PROGDIFF_OUT", &ctx.out_dir)
@@ -124,6 +127,8 @@ pub fn run(ctx: &StageContext, params: &CommandParams, manifest_dir: &Path) -> a
             break status;
         }
         if ctx.cancel.is_cancelled() {
+            let _ =
+                Command::new("kill").args(["-KILL", "--", &format!("-{}", child.id())]).status();
             let _ = child.kill();
             let _ = child.wait();
             anyhow::bail!("interrupted");

@@ -256,3 +256,50 @@ stages:
     assert_eq!(out.status.code(), Some(1));
     assert!(v["stages"][0]["error"].as_str().unwrap().contains("data_batch_1.bin"), "{v:#}");
 }
+
+#[test]
+fn ctrl_c_stops_running_stages_and_leaves_the_cache_consistent() {
+    let p = Project::new();
+    let started = p.path().join("started");
+    p.write(
+        "m.yaml",
+        &format!(
+            "stages:
+  quick: {{ kind: command, run: 'echo done > $PROGDIFF_OUT/q' }}
+  slow: {{ kind: command, needs: quick, run: 'echo partial > $PROGDIFF_OUT/s; touch {}; sleep 60' }}
+  after: {{ kind: command, needs: slow, run: 'true' }}
+",
+            started.display()
+        ),
+    );
+    let child = p
+        .cmd(&["run", "--json", "m.yaml"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    while !started.exists() {
+        assert!(t.elapsed() < Duration::from_secs(30), "stage never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let sent = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let out = child.wait_with_output().unwrap();
+    assert!(t.elapsed() < Duration::from_secs(30), "the interrupted run did not stop promptly");
+    assert_eq!(out.status.code(), Some(130), "{}", stderr(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status_of(&v, "quick"), "ran");
+    assert_eq!(status_of(&v, "slow"), "skipped");
+    assert_eq!(status_of(&v, "after"), "skipped");
+    assert_eq!(v["interrupted"], true);
+    // Only what completed was recorded, and the cache is consistent.
+    let (_, plan) = p.json(&["plan", "--json", "m.yaml"]);
+    assert_eq!(status_of(&plan, "quick"), "cached");
+    assert_eq!(status_of(&plan, "slow"), "run");
+    let out = p.run(&["cache", "verify"]);
+    assert!(out.status.success(), "{}", stdout(&out));
+}
