@@ -211,3 +211,48 @@ fn saving_a_checkpoint_twice_gives_identical_bytes() {
         std::fs::read(c.out_dir.join(train::MODEL_FILE)).unwrap()
     );
 }
+
+/// The venv python that `scripts/setup` installed (the one `.libtorch` lives in), if any.
+fn venv_python() -> Option<PathBuf> {
+    let torch =
+        std::fs::canonicalize(Path::new(env!("CARGO_MANIFEST_DIR")).join("../.libtorch")).ok()?;
+    // <venv>/lib/python3.X/site-packages/torch
+    let python = torch.parent()?.parent()?.parent()?.parent()?.join("bin/python");
+    python.exists().then_some(python)
+}
+
+#[test]
+fn pytorch_loads_the_checkpoints_with_their_metadata() {
+    let Some(python) = venv_python() else {
+        eprintln!(
+            "note: no venv python next to .libtorch; run scripts/setup to check against PyTorch"
+        );
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let c = ctx(dir.path(), "base", &dir.path().join("w"), vec![]);
+    run(&c, &TrainParams { steps: 2, batch_size: 2, log_every: 1, ..TrainParams::default() });
+    let path = c.out_dir.join(train::EMA_FILE);
+    let script = "
+import sys, json
+from safetensors import safe_open
+with safe_open(sys.argv[1], 'pt') as f:
+    meta = f.metadata()
+    out = {k: [list(f.get_tensor(k).shape), float(f.get_tensor(k).double().sum())] for k in f.keys()}
+print(json.dumps({'meta': meta, 'tensors': out}))
+";
+    let out = std::process::Command::new(python).args(["-c", script]).arg(&path).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["meta"]["format"], "progdiff-unet/1");
+    assert_eq!(v["meta"]["state.step"], "2");
+    assert_eq!(v["meta"]["state.ema_rate"], "0.9999");
+    let ck = Checkpoint::load(&path).unwrap();
+    assert_eq!(v["tensors"].as_object().unwrap().len(), ck.tensors.len());
+    for (name, t) in &ck.tensors {
+        let entry = &v["tensors"][name];
+        assert_eq!(entry[0], serde_json::json!(t.size()), "{name}");
+        let sum = t.to_kind(tch::Kind::Double).sum(tch::Kind::Double).double_value(&[]);
+        assert!((entry[1].as_f64().unwrap() - sum).abs() <= 1e-9 * (1.0 + sum.abs()), "{name}");
+    }
+}
