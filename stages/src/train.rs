@@ -61,6 +61,20 @@ pub enum InitFrom {
     Model,
 }
 
+/// Numeric precision of training.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// Everything in float32.
+    #[default]
+    Fp32,
+    /// Mixed precision as improved-diffusion's `use_fp16`, with bfloat16 (no loss scaling
+    /// needed): convolutions run on a bfloat16 copy of the weights, linear layers, GroupNorm,
+    /// softmax and the loss stay in float32, and the optimizer updates float32 master weights.
+    /// Meant for CUDA; works (slowly) on the CPU.
+    Bf16,
+}
+
 /// Parameters of a `train` stage (improved-diffusion's defaults).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
@@ -85,6 +99,8 @@ pub struct TrainParams {
     pub log_every: usize,
     /// Upstream weights to start from when fine-tuning.
     pub init: InitFrom,
+    /// `fp32` or `bf16` mixed precision.
+    pub precision: Precision,
 }
 
 impl Default for TrainParams {
@@ -100,6 +116,7 @@ impl Default for TrainParams {
             checkpoint_every: 1000,
             log_every: 100,
             init: InitFrom::Ema,
+            precision: Precision::Fp32,
         }
     }
 }
@@ -357,6 +374,10 @@ pub fn run(
     named.sort_by(|a, b| a.0.cmp(&b.0));
     let ema_vars = ema_vs.variables();
     let mut adam = Adam::new(&named, params, moments)?;
+    let half = match params.precision {
+        Precision::Fp32 => None,
+        Precision::Bf16 => Some(HalfModel::new(&arch, device, &named)?),
+    };
 
     let metrics_path = ctx.work_dir.join(METRICS_FILE);
     let mut metrics = open_metrics(&metrics_path, start)?;
@@ -381,27 +402,46 @@ pub fn run(
         let noise = SeededNoise::stream(ctx.seed, stream(ctx.seed, s, 3))
             .randn(&[batch as i64, c as i64, h as i64, w as i64], (Kind::Float, device));
 
+        if let Some(h) = &half {
+            h.load(&named);
+        }
         let losses = {
             let _rng = TORCH_RNG.lock().unwrap_or_else(|e| e.into_inner());
             tch::manual_seed(stream(ctx.seed, s, 4) as i64);
-            diffusion.training_losses(|x, tm| net.forward_t(x, tm, true), &x0, &t, &noise)
+            match &half {
+                None => {
+                    diffusion.training_losses(|x, tm| net.forward_t(x, tm, true), &x0, &t, &noise)
+                }
+                Some(h) => diffusion.training_losses(|x, tm| h.forward(x, tm), &x0, &t, &noise),
+            }
         };
         let loss = losses.loss.mean(Kind::Float);
         let loss_value = loss.double_value(&[]);
         if !loss_value.is_finite() {
             bail!("loss is {loss_value} at step {step}; try a lower `lr`");
         }
-        adam.zero_grad();
+        let trained: Vec<Tensor> = match &half {
+            None => named.iter().map(|(_, p)| p.shallow_clone()).collect(),
+            Some(h) => h.vars.iter().map(Tensor::shallow_clone).collect(),
+        };
+        zero_grads(&trained);
         loss.backward();
+        let grads: Vec<Tensor> = trained
+            .iter()
+            .map(|v| {
+                let g = v.grad();
+                if g.defined() { g.to_kind(Kind::Float) } else { g }
+            })
+            .collect();
         if let Some(max) = params.grad_clip {
-            adam.clip_grad_norm(max);
+            clip_grad_norm(&grads, max);
         }
         let lr = if params.warmup > 0 {
             params.lr * ((step + 1) as f64 / params.warmup as f64).min(1.0)
         } else {
             params.lr
         };
-        adam.step(lr);
+        adam.step(lr, &grads);
         tch::no_grad(|| {
             for (name, p) in &named {
                 let mut e = ema_vars[name].shallow_clone();
@@ -526,6 +566,82 @@ fn progress_bar(ctx: &StageContext, len: u64, pos: u64) -> indicatif::ProgressBa
     bar
 }
 
+fn zero_grads(vars: &[Tensor]) {
+    for p in vars {
+        let mut g = p.grad();
+        if g.defined() {
+            let _ = g.detach_().zero_();
+        }
+    }
+}
+
+/// Scales `grads` in place so their global L2 norm is at most `max` (as
+/// `torch.nn.utils.clip_grad_norm_`).
+fn clip_grad_norm(grads: &[Tensor], max: f64) {
+    tch::no_grad(|| {
+        let norms: Vec<Tensor> =
+            grads.iter().filter(|g| g.defined()).map(|g| g.norm().to_kind(Kind::Double)).collect();
+        if norms.is_empty() {
+            return;
+        }
+        let total = Tensor::stack(&norms, 0).norm().double_value(&[]);
+        let coef = max / (total + 1e-6);
+        if coef < 1.0 {
+            for g in grads.iter().filter(|g| g.defined()) {
+                let _ = g.shallow_clone().g_mul_scalar_(coef);
+            }
+        }
+    });
+}
+
+/// The bfloat16 working copy of the model for [`Precision::Bf16`]: convolution weights and
+/// biases in bfloat16 (IDDPM's `convert_module_to_f16` converts exactly the convolutions), the
+/// rest in float32; refreshed from the float32 master weights before every step.
+struct HalfModel {
+    net: UNet,
+    /// Aligned with the master parameters (same names, same order).
+    vars: Vec<Tensor>,
+    _vs: VarStore,
+}
+
+impl HalfModel {
+    fn new(arch: &UNetArch, device: Device, master: &[(String, Tensor)]) -> anyhow::Result<Self> {
+        let vs = VarStore::new(device);
+        let net = UNet::new(&vs.root(), arch)?;
+        let by_name = vs.variables();
+        // A layer is a convolution when its weight has 3 or more dimensions.
+        let conv_layers: std::collections::BTreeSet<String> = master
+            .iter()
+            .filter(|(n, t)| n.ends_with(".weight") && t.dim() >= 3)
+            .map(|(n, _)| n.trim_end_matches(".weight").to_string())
+            .collect();
+        let mut vars = Vec::with_capacity(master.len());
+        for (name, _) in master {
+            let mut v = by_name[name].shallow_clone();
+            let layer = name.rsplit_once('.').map(|(l, _)| l).unwrap_or(name);
+            if conv_layers.contains(layer) {
+                tch::no_grad(|| v.set_data(&v.to_kind(Kind::BFloat16)));
+            }
+            vars.push(v);
+        }
+        Ok(HalfModel { net, vars, _vs: vs })
+    }
+
+    fn load(&self, master: &[(String, Tensor)]) {
+        tch::no_grad(|| {
+            for (v, (_, p)) in self.vars.iter().zip(master) {
+                v.shallow_clone().copy_(p);
+            }
+        });
+    }
+
+    /// Model input in bfloat16, output back in float32 (IDDPM's `x.type(inner_dtype)` /
+    /// `h.type(x.dtype)`).
+    fn forward(&self, x: &Tensor, t: &Tensor) -> Tensor {
+        self.net.forward_t(&x.to_kind(Kind::BFloat16), t, true).to_kind(Kind::Float)
+    }
+}
+
 /// AdamW exactly as `torch.optim.AdamW` (betas 0.9/0.999, eps 1e-8), with its moments exposed
 /// so a resumed run continues with the same state.
 struct Adam {
@@ -574,47 +690,14 @@ impl Adam {
         })
     }
 
-    fn zero_grad(&mut self) {
-        for (_, p) in &self.params {
-            let mut g = p.grad();
-            if g.defined() {
-                let _ = g.detach_().zero_();
-            }
-        }
-    }
-
-    fn clip_grad_norm(&mut self, max: f64) {
-        tch::no_grad(|| {
-            let norms: Vec<Tensor> = self
-                .params
-                .iter()
-                .map(|(_, p)| p.grad())
-                .filter(|g| g.defined())
-                .map(|g| g.norm().to_kind(Kind::Double))
-                .collect();
-            if norms.is_empty() {
-                return;
-            }
-            let total = Tensor::stack(&norms, 0).norm().double_value(&[]);
-            let coef = max / (total + 1e-6);
-            if coef < 1.0 {
-                for (_, p) in &self.params {
-                    let mut g = p.grad();
-                    if g.defined() {
-                        let _ = g.g_mul_scalar_(coef);
-                    }
-                }
-            }
-        });
-    }
-
-    fn step(&mut self, lr: f64) {
+    /// One update with `grads[i]` the gradient of parameter `i` (undefined: no update).
+    fn step(&mut self, lr: f64, grads: &[Tensor]) {
         self.t += 1;
         let bc1 = 1.0 - BETA1.powi(self.t as i32);
         let bc2 = 1.0 - BETA2.powi(self.t as i32);
         tch::no_grad(|| {
             for (i, (_, p)) in self.params.iter().enumerate() {
-                let g = p.grad();
+                let g = &grads[i];
                 if !g.defined() {
                     continue;
                 }
@@ -622,8 +705,8 @@ impl Adam {
                 if self.weight_decay != 0.0 {
                     let _ = p.g_mul_scalar_(1.0 - lr * self.weight_decay);
                 }
-                let _ = self.m[i].g_mul_scalar_(BETA1).g_add_(&(&g * (1.0 - BETA1)));
-                let _ = self.v[i].g_mul_scalar_(BETA2).g_add_(&(&g * &g * (1.0 - BETA2)));
+                let _ = self.m[i].g_mul_scalar_(BETA1).g_add_(&(g * (1.0 - BETA1)));
+                let _ = self.v[i].g_mul_scalar_(BETA2).g_add_(&(g * g * (1.0 - BETA2)));
                 let denom = self.v[i].sqrt() / bc2.sqrt() + EPS;
                 let _ = p.g_add_(&(&self.m[i] / denom * (-lr / bc1)));
             }
@@ -655,9 +738,9 @@ mod tests {
         let mut adam = Adam::new(&params, &tp, None).unwrap();
         let (mut x, mut m, mut v) = (1.0f64, 0.0f64, 0.0f64);
         for t in 1..=2 {
-            adam.zero_grad();
+            zero_grads(std::slice::from_ref(&p));
             (&p * &p).sum(Kind::Float).backward();
-            adam.step(0.1);
+            adam.step(0.1, &[p.grad()]);
             let g = 2.0 * x;
             x *= 1.0 - 0.1 * 0.01;
             m = 0.9 * m + 0.1 * g;
