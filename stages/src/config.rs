@@ -128,8 +128,10 @@ pub struct DiffusionConfig {
     pub schedule: NoiseSchedule,
     /// Training loss.
     pub loss: LossKind,
-    /// Respacing used for sampling: `"100"`, `"ddim100"`, or an explicit list like `"10,15,20"`;
-    /// empty means all T steps.
+    /// Respacing used for sampling (improved-diffusion's `timestep_respacing`): `"100"` (100
+    /// evenly strided steps), `"10,15,20"` (per-section counts over equal thirds of T),
+    /// `"ddim100"` (exact stride T/100), or an explicit list `"list:0,40,3999"`; empty means all
+    /// T steps.
     pub sample_steps: String,
     /// Feed the model `t * 1000 / T` instead of `t`.
     pub rescale_timesteps: bool,
@@ -151,6 +153,13 @@ impl DiffusionConfig {
     /// Range checks that serde cannot express.
     pub fn validate(&self) -> Vec<FieldError> {
         let mut errs = Vec::new();
+        if self.steps > 0 {
+            let spaced = crate::diffusion::Respacing::parse(&self.sample_steps)
+                .and_then(|r| r.timesteps(self.steps));
+            if let Err(e) = spaced {
+                errs.push(FieldError::at("sample_steps", e.to_string()));
+            }
+        }
         if self.steps == 0 {
             errs.push(FieldError::at("steps", "must be at least 1, got 0"));
         } else if self.schedule == NoiseSchedule::Linear && self.steps <= 20 {

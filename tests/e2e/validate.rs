@@ -181,3 +181,13 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn sample_steps_are_checked_against_the_diffusion_steps() {
+    let text = "diffusion: { steps: 100, schedule: cosine, sample_steps: ddim3000 }\nstages:\n  a: { kind: snr-allocate, groups: 2 }\n";
+    let err = Manifest::parse(text, "m.yaml", std::path::Path::new("."), "m").unwrap_err();
+    assert_eq!(err.len(), 1, "{err:?}");
+    assert_eq!(err[0].path, "diffusion.sample_steps");
+    assert_eq!((err[0].pos.line, err[0].pos.col), (1, 44));
+    assert!(err[0].message.contains("3000"), "{}", err[0]);
+}
