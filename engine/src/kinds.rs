@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use progdiff_stages::allocate::{self, AllocateParams};
 use progdiff_stages::command::{self, CommandParams};
 use progdiff_stages::config::DiffusionConfig;
+use progdiff_stages::context::FieldError;
 use progdiff_stages::context::StageContext;
 use progdiff_stages::data::DataConfig;
 use progdiff_stages::evaluate::{self, EvaluateParams};
@@ -16,7 +17,9 @@ use progdiff_stages::fid::stage::{self as fid_extractor, ExtractorKind, Extracto
 use progdiff_stages::import::{self, ImportParams};
 use progdiff_stages::prune::{self, PruneInputs, PruneParams};
 use progdiff_stages::train::{self, TrainInputs, TrainParams};
+use schemars::JsonSchema;
 use serde::Serialize;
+use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use crate::manifest::yaml::Node;
@@ -63,75 +66,23 @@ impl StageParams {
     ) -> Option<StageParams> {
         match kind {
             allocate::KIND => {
-                let p: AllocateParams = cx.deserialize(body, prefix, STAGE_KEYS)?;
                 let steps = diffusion.map(|d| d.steps).unwrap_or(usize::MAX);
-                let errs = p.validate(steps);
-                if errs.is_empty() {
-                    Some(StageParams::SnrAllocate(p))
-                } else {
-                    cx.field_errors(body, prefix, errs);
-                    None
-                }
+                checked(cx, body, prefix, |p: &AllocateParams| p.validate(steps))
+                    .map(StageParams::SnrAllocate)
             }
             command::KIND => {
-                let p: CommandParams = cx.deserialize(body, prefix, STAGE_KEYS)?;
-                let errs = p.validate();
-                if errs.is_empty() {
-                    Some(StageParams::Command(p))
-                } else {
-                    cx.field_errors(body, prefix, errs);
-                    None
-                }
+                checked(cx, body, prefix, CommandParams::validate).map(StageParams::Command)
             }
-            train::KIND => {
-                let p: TrainParams = cx.deserialize(body, prefix, STAGE_KEYS)?;
-                let errs = p.validate();
-                if errs.is_empty() {
-                    Some(StageParams::Train(p))
-                } else {
-                    cx.field_errors(body, prefix, errs);
-                    None
-                }
-            }
+            train::KIND => checked(cx, body, prefix, TrainParams::validate).map(StageParams::Train),
             import::KIND => {
-                let p: ImportParams = cx.deserialize(body, prefix, STAGE_KEYS)?;
-                let errs = p.validate();
-                if errs.is_empty() {
-                    Some(StageParams::Import(p))
-                } else {
-                    cx.field_errors(body, prefix, errs);
-                    None
-                }
+                checked(cx, body, prefix, ImportParams::validate).map(StageParams::Import)
             }
-            prune::KIND => {
-                let p: PruneParams = cx.deserialize(body, prefix, STAGE_KEYS)?;
-                let errs = p.validate();
-                if errs.is_empty() {
-                    Some(StageParams::Prune(p))
-                } else {
-                    cx.field_errors(body, prefix, errs);
-                    None
-                }
-            }
+            prune::KIND => checked(cx, body, prefix, PruneParams::validate).map(StageParams::Prune),
             evaluate::KIND => {
-                let p: EvaluateParams = cx.deserialize(body, prefix, STAGE_KEYS)?;
-                let errs = p.validate();
-                if errs.is_empty() {
-                    Some(StageParams::Evaluate(p))
-                } else {
-                    cx.field_errors(body, prefix, errs);
-                    None
-                }
+                checked(cx, body, prefix, EvaluateParams::validate).map(StageParams::Evaluate)
             }
             fid_extractor::KIND => {
-                let p: ExtractorParams = cx.deserialize(body, prefix, STAGE_KEYS)?;
-                let errs = p.validate();
-                if errs.is_empty() {
-                    Some(StageParams::FidExtractor(p))
-                } else {
-                    cx.field_errors(body, prefix, errs);
-                    None
-                }
+                checked(cx, body, prefix, ExtractorParams::validate).map(StageParams::FidExtractor)
             }
             other => {
                 let pos = body.get("kind").map(|n| n.pos).unwrap_or(body.pos);
@@ -330,6 +281,24 @@ impl StageParams {
             (evaluate::KIND, generator.root_schema_for::<EvaluateParams>().to_value()),
             (fid_extractor::KIND, generator.root_schema_for::<ExtractorParams>().to_value()),
         ]
+    }
+}
+
+/// A stage's parameters deserialised (unknown keys and type errors reported) and range-checked,
+/// or `None` with every problem reported at its position.
+fn checked<P: DeserializeOwned + JsonSchema>(
+    cx: &mut Cx,
+    body: &Node,
+    prefix: &str,
+    validate: impl FnOnce(&P) -> Vec<FieldError>,
+) -> Option<P> {
+    let p: P = cx.deserialize(body, prefix, STAGE_KEYS)?;
+    let errs = validate(&p);
+    if errs.is_empty() {
+        Some(p)
+    } else {
+        cx.field_errors(body, prefix, errs);
+        None
     }
 }
 
