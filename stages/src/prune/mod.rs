@@ -7,14 +7,16 @@
 //! - [`importance`]: random, magnitude, Taylor and Diff-Pruning scores, and the group's fixed
 //!   loss batch;
 //! - [`search`]: the memory-bank loop with an evolutionary proposer, its bank cached per round;
+//! - [`llm`]: the same loop with plans proposed by an OpenAI-compatible chat-completions API;
 //! - [`stage`]: the `for_each: group` stage itself.
 //!
 //! Outputs: the pruned `model.safetensors` and `ema.safetensors` (the same pruned weights, so a
 //! downstream `train` fine-tunes from them whichever it prefers), `report.json`
-//! ([`stage::PruneReport`]) and, for `search`, `bank.json`.
+//! ([`stage::PruneReport`]) and, for `search` and `llm`, `bank.json`.
 
 pub mod budget;
 pub mod importance;
+pub mod llm;
 pub mod params;
 pub mod search;
 pub mod stage;
@@ -30,5 +32,5 @@ pub const KIND: &str = "prune";
 pub const VERSION: u32 = 1;
 /// Output: the report.
 pub const REPORT_FILE: &str = "report.json";
-/// Output of the `search` proxy: the final memory bank.
+/// Output of the `search` and `llm` proxies: the final memory bank.
 pub const BANK_FILE: &str = "bank.json";

@@ -40,6 +40,9 @@ pub enum ProxyParams {
     DiffPruning(DiffPruningParams),
     /// The memory-bank loop without an LLM: evolutionary search over plans.
     Search(SearchParams),
+    /// The paper's memory-bank loop with plans proposed by an OpenAI-compatible chat-completions
+    /// endpoint (eq. 16-17).
+    Llm(LlmParams),
 }
 
 impl Default for ProxyParams {
@@ -57,6 +60,7 @@ impl ProxyParams {
             ProxyParams::Taylor(_) => "taylor",
             ProxyParams::DiffPruning(_) => "diff-pruning",
             ProxyParams::Search(_) => "search",
+            ProxyParams::Llm(_) => "llm",
         }
     }
 }
@@ -121,6 +125,54 @@ impl Default for SearchParams {
     }
 }
 
+/// `llm` settings: `rounds` x `candidates` plans proposed by a chat-completions endpoint.
+///
+/// The API key is read from the environment variable `api_key_env` names; it never appears in the
+/// manifest, logs, records, the memory bank or the response cache.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct LlmParams {
+    /// Base URL of an OpenAI-compatible API; requests go to `{endpoint}/chat/completions`.
+    pub endpoint: String,
+    /// Model name sent with each request.
+    pub model: String,
+    /// Sampling temperature (the paper's pattern: 0).
+    pub temperature: f64,
+    /// Name of the environment variable holding the API key (sent as `Authorization: Bearer`).
+    pub api_key_env: String,
+    /// Rounds of the memory-bank loop; raising it re-uses the rounds already run.
+    pub rounds: usize,
+    /// Plans asked for and measured per round.
+    pub candidates: usize,
+    /// Per-request timeout in seconds.
+    pub timeout_s: u64,
+    /// Retries of one round's request after a timeout, 429, 5xx or an answer that is not the
+    /// requested JSON; then the stage fails.
+    pub max_retries: usize,
+    /// Base delay of the exponential backoff between retries, in milliseconds (doubles each
+    /// retry).
+    pub backoff_ms: u64,
+    /// Which channels go inside each unit.
+    pub importance: ChannelImportance,
+}
+
+impl Default for LlmParams {
+    fn default() -> Self {
+        LlmParams {
+            endpoint: "https://api.openai.com/v1".into(),
+            model: "gpt-4".into(),
+            temperature: 0.0,
+            api_key_env: "OPENAI_API_KEY".into(),
+            rounds: 5,
+            candidates: 3,
+            timeout_s: 60,
+            max_retries: 4,
+            backoff_ms: 1000,
+            importance: ChannelImportance::Magnitude,
+        }
+    }
+}
+
 impl PruneParams {
     /// Range checks serde cannot express.
     pub fn validate(&self) -> Vec<FieldError> {
@@ -149,6 +201,26 @@ impl PruneParams {
                     if v == 0 {
                         e.push(at(f, "must be at least 1, got 0".into()));
                     }
+                }
+            }
+            ProxyParams::Llm(p) => {
+                for (f, v) in [
+                    ("rounds", p.rounds),
+                    ("candidates", p.candidates),
+                    ("timeout_s", p.timeout_s as usize),
+                ] {
+                    if v == 0 {
+                        e.push(at(f, "must be at least 1, got 0".into()));
+                    }
+                }
+                if p.endpoint.trim().is_empty() {
+                    e.push(at("endpoint", "must not be empty".into()));
+                }
+                if p.api_key_env.trim().is_empty() {
+                    e.push(at("api_key_env", "must name an environment variable".into()));
+                }
+                if !(0.0..=2.0).contains(&p.temperature) {
+                    e.push(at("temperature", format!("must be in [0, 2], got {}", p.temperature)));
                 }
             }
             _ => {}

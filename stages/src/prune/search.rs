@@ -88,8 +88,13 @@ pub struct SearchEnv<'a> {
     pub bound: u64,
 }
 
-/// The side-store directory of this search's banks.
-fn bank_dir(env: &SearchEnv<'_>, p: &SearchParams, scores_from: &str) -> anyhow::Result<PathBuf> {
+/// The side-store directory of a memory-bank search's banks; `params_key` is the proxy's settings
+/// without `rounds`, serialised.
+pub(super) fn bank_dir(
+    env: &SearchEnv<'_>,
+    params_key: &str,
+    scores_from: &str,
+) -> anyhow::Result<PathBuf> {
     let mut h = blake3::Hasher::new();
     h.update(format!("prune-bank/{BANK_VERSION}\n").as_bytes());
     for (name, t) in &env.base.tensors {
@@ -105,8 +110,7 @@ fn bank_dir(env: &SearchEnv<'_>, p: &SearchParams, scores_from: &str) -> anyhow:
     }
     h.update(format!("{:?}", env.diffusion.loss()).as_bytes());
     h.update(&(env.diffusion.num_timesteps() as u64).to_le_bytes());
-    let key = SearchParams { rounds: 0, ..p.clone() };
-    h.update(serde_json::to_string(&key)?.as_bytes());
+    h.update(params_key.as_bytes());
     h.update(scores_from.as_bytes());
     let digest = h.finalize().to_hex();
     // The work area is `<cache>/v1/work/<key>`: the side store sits beside `work`.
@@ -127,7 +131,7 @@ fn tensor_bytes(t: &tch::Tensor) -> Vec<u8> {
     buf
 }
 
-fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+pub(super) fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
     std::fs::write(&tmp, bytes)?;
     std::fs::rename(&tmp, path)?;
@@ -135,7 +139,7 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
 }
 
 /// The latest saved bank with at most `rounds` rounds.
-fn load_bank(dir: &Path, rounds: usize) -> Bank {
+pub(super) fn load_bank(dir: &Path, rounds: usize) -> Bank {
     (1..=rounds)
         .rev()
         .find_map(|r| {
@@ -146,7 +150,7 @@ fn load_bank(dir: &Path, rounds: usize) -> Bank {
 }
 
 /// One granularity step up or down on `mutations` random units.
-fn mutate(s: &Structure, plan: &Plan, mutations: usize, rng: &mut ChaCha8Rng) -> Plan {
+pub(super) fn mutate(s: &Structure, plan: &Plan, mutations: usize, rng: &mut ChaCha8Rng) -> Plan {
     let mut w = s.widths(plan);
     let units = s.units();
     for _ in 0..mutations {
@@ -169,23 +173,9 @@ pub fn run(
     bank_out: &Path,
 ) -> anyhow::Result<(Plan, Scores)> {
     let s = env.structure;
-    let (scores, scores_from) = match p.importance {
-        ChannelImportance::Magnitude => (importance::magnitude(s, env.base), "magnitude"),
-        ChannelImportance::DiffPruning => {
-            let d = DiffPruningParams::default();
-            let (sc, _) = importance::diff_pruning(
-                s,
-                env.base,
-                env.diffusion,
-                env.batch,
-                &env.group.timesteps,
-                d.threshold,
-                d.max_timesteps,
-            )?;
-            (sc, "diff-pruning")
-        }
-    };
-    let dir = bank_dir(env, p, scores_from)?;
+    let (scores, scores_from) = channel_scores(env, p.importance)?;
+    let key = SearchParams { rounds: 0, ..p.clone() };
+    let dir = bank_dir(env, &serde_json::to_string(&key)?, scores_from)?;
     std::fs::create_dir_all(&dir).with_context(|| format!("creating `{}`", dir.display()))?;
     let mut bank = load_bank(&dir, p.rounds);
     if bank.rounds > 0 {
@@ -221,15 +211,57 @@ pub fn run(
             }
             proposed.push(cand);
         }
-        for plan in proposed {
-            let pruned = s.apply(env.base, &plan, &scores)?;
-            let loss = importance::loss(&pruned, env.diffusion, env.batch)?;
-            let macs = macs_of(s, &s.widths(&plan));
-            bank.entries.push(BankEntry { round, plan, macs, loss });
-        }
-        bank.rounds = round;
+        measure_round(env, &scores, &mut bank, round, proposed)?;
         write_atomic(&dir.join(format!("round-{round}.json")), &serde_json::to_vec(&bank)?)?;
     }
+    Ok((finish(&bank, bank_out)?, scores))
+}
+
+/// Per-element channel scores for applying plans, and their name (part of the bank's key).
+pub(super) fn channel_scores(
+    env: &SearchEnv<'_>,
+    importance: ChannelImportance,
+) -> anyhow::Result<(Scores, &'static str)> {
+    let s = env.structure;
+    Ok(match importance {
+        ChannelImportance::Magnitude => (importance::magnitude(s, env.base), "magnitude"),
+        ChannelImportance::DiffPruning => {
+            let d = DiffPruningParams::default();
+            let (sc, _) = importance::diff_pruning(
+                s,
+                env.base,
+                env.diffusion,
+                env.batch,
+                &env.group.timesteps,
+                d.threshold,
+                d.max_timesteps,
+            )?;
+            (sc, "diff-pruning")
+        }
+    })
+}
+
+/// Prunes with each proposed plan, measures its loss and appends it to the bank as `round`.
+pub(super) fn measure_round(
+    env: &SearchEnv<'_>,
+    scores: &Scores,
+    bank: &mut Bank,
+    round: usize,
+    proposed: Vec<Plan>,
+) -> anyhow::Result<()> {
+    let s = env.structure;
+    for plan in proposed {
+        let pruned = s.apply(env.base, &plan, scores)?;
+        let loss = importance::loss(&pruned, env.diffusion, env.batch)?;
+        let macs = macs_of(s, &s.widths(&plan));
+        bank.entries.push(BankEntry { round, plan, macs, loss });
+    }
+    bank.rounds = round;
+    Ok(())
+}
+
+/// Writes the final bank to `bank_out` and returns its best plan.
+pub(super) fn finish(bank: &Bank, bank_out: &Path) -> anyhow::Result<Plan> {
     // A bank loaded for fewer rounds than it holds cannot happen (files hold exactly `r`).
     let best = bank.ranked().first().map(|e| e.plan.clone()).context("the memory bank is empty")?;
     let out: BTreeMap<&str, serde_json::Value> = BTreeMap::from([
@@ -238,5 +270,5 @@ pub fn run(
         ("best", serde_json::to_value(&best)?),
     ]);
     std::fs::write(bank_out, serde_json::to_vec_pretty(&out)?)?;
-    Ok((best, scores))
+    Ok(best)
 }

@@ -19,7 +19,7 @@ use crate::train::{EMA_FILE, InitFrom, MODEL_FILE, parse_device};
 use super::budget::{ScorePriority, fit};
 use super::importance::{self, LossBatch};
 use super::params::{ProxyParams, PruneParams};
-use super::search;
+use super::{llm, search};
 use super::structure::{Plan, Scores, Structure, UnitKind};
 use super::{BANK_FILE, REPORT_FILE};
 
@@ -191,6 +191,18 @@ pub fn run(
                 bound,
             };
             search::run(&env, p, &ctx.out_dir.join(BANK_FILE))?
+        }
+        ProxyParams::Llm(p) => {
+            let env = search::SearchEnv {
+                ctx,
+                structure: &structure,
+                base: &base,
+                diffusion: &diffusion,
+                batch: &batch,
+                group: &group,
+                bound,
+            };
+            llm::run(&env, p, &ctx.out_dir.join(BANK_FILE))?
         }
     };
     ctx.cancel.check()?;

@@ -1,0 +1,425 @@
+//! The `llm` pruning proxy (issue 4) against a local OpenAI-compatible test server on 127.0.0.1:
+//! the request's fields and memory bank, malformed / over-budget / 429 / timeout answers, the
+//! response cache (a re-run makes no request), the API key in no file, and raising `rounds`.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use progdiff_stages::allocate::{self, AllocateParams};
+use progdiff_stages::checkpoint::Checkpoint;
+use progdiff_stages::config::{DiffusionConfig, ModelConfig};
+use progdiff_stages::context::{CancelToken, StageContext, UpstreamOutputs};
+use progdiff_stages::data::DataConfig;
+use progdiff_stages::prune::search::Bank;
+use progdiff_stages::prune::{self, Plan, PruneInputs, PruneParams, Structure};
+use progdiff_stages::schedule::NoiseSchedule;
+use progdiff_stages::unet::{UNet, UNetArch};
+use serde_json::{Value, json};
+use tch::nn::VarStore;
+use tch::{Device, Kind, Tensor};
+
+const KEY_ENV: &str = "PROGDIFF_TEST_PRUNE_LLM_KEY";
+const KEY: &str = "sk-test-3f9a71c2e8b4-do-not-store";
+
+#[allow(unsafe_code)]
+fn set_key() {
+    // SAFETY: every test of this binary sets the same value before reading it; nothing else
+    // in the process reads or writes this variable.
+    unsafe {
+        std::env::set_var(KEY_ENV, KEY);
+    }
+}
+
+/// One scripted answer.
+enum Answer {
+    /// Status and body.
+    Http(u16, String),
+    /// Read the request, then hold the connection this long without answering.
+    Stall(Duration),
+}
+
+/// One recorded request.
+#[derive(Clone, Debug)]
+struct Request {
+    head: String,
+    body: String,
+}
+
+/// A local HTTP/1.1 server answering scripted responses in order (500 once the script is out),
+/// recording each request; it stops when dropped or after ten minutes.
+struct Server {
+    url: String,
+    script: Arc<Mutex<VecDeque<Answer>>>,
+    log: Arc<Mutex<Vec<Request>>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Server {
+    fn start() -> Server {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let url = format!("http://{}/v1", listener.local_addr().unwrap());
+        let script = Arc::new(Mutex::new(VecDeque::new()));
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (s, l, st) = (script.clone(), log.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let deadline = Instant::now() + Duration::from_secs(600);
+            while !st.load(Ordering::Relaxed) && Instant::now() < deadline {
+                match listener.accept() {
+                    Ok((stream, _)) => serve(stream, &s, &l),
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        Server { url, script, log, stop }
+    }
+
+    fn push(&self, a: Answer) {
+        self.script.lock().unwrap().push_back(a);
+    }
+
+    fn requests(&self) -> Vec<Request> {
+        self.log.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+fn serve(mut stream: TcpStream, script: &Mutex<VecDeque<Answer>>, log: &Mutex<Vec<Request>>) {
+    stream.set_nonblocking(false).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let head_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        match stream.read(&mut chunk) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+    let len = head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-length").then(|| v.trim().parse::<usize>().ok())?
+        })
+        .unwrap_or(0);
+    while buf.len() < head_end + len {
+        match stream.read(&mut chunk) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+    let body = String::from_utf8_lossy(&buf[head_end..]).to_string();
+    log.lock().unwrap().push(Request { head, body });
+    let answer = script
+        .lock()
+        .unwrap()
+        .pop_front()
+        .unwrap_or_else(|| Answer::Http(500, r#"{"error":"unscripted request"}"#.into()));
+    match answer {
+        Answer::Stall(d) => std::thread::sleep(d),
+        Answer::Http(code, body) => {
+            let reply = format!(
+                "HTTP/1.1 {code} Scripted\r\nContent-Type: application/json\r\nContent-Length: \
+                 {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = stream.write_all(reply.as_bytes());
+        }
+    }
+}
+
+/// A chat-completions response whose message is `content`.
+fn chat(content: &str) -> String {
+    json!({ "id": "x", "choices": [{ "index": 0, "message": { "role": "assistant", "content": content } }] })
+        .to_string()
+}
+
+fn plans_answer(plans: &[Plan]) -> String {
+    json!({ "plans": plans }).to_string()
+}
+
+fn model(channels: usize) -> ModelConfig {
+    ModelConfig {
+        image_size: 8,
+        in_channels: 1,
+        channels,
+        channel_mult: vec![1, 2],
+        res_blocks: 1,
+        attention_resolutions: vec![4],
+        heads: 2,
+        dropout: 0.0,
+        learn_sigma: true,
+        use_scale_shift_norm: true,
+    }
+}
+
+fn diffusion() -> DiffusionConfig {
+    DiffusionConfig { steps: 40, schedule: NoiseSchedule::Cosine, ..DiffusionConfig::default() }
+}
+
+fn data() -> DataConfig {
+    serde_json::from_value(serde_json::json!({
+        "kind": "synthetic", "n": 32, "image_size": 8, "channels": "gray", "seed": 3
+    }))
+    .unwrap()
+}
+
+/// A checkpoint with every weight random (the zero-initialised layers too, so every channel
+/// matters).
+fn random_checkpoint(config: &ModelConfig, seed: i64) -> Checkpoint {
+    tch::set_num_threads(1);
+    tch::manual_seed(seed);
+    let arch = UNetArch::from_config(config).unwrap();
+    let vs = VarStore::new(Device::Cpu);
+    let _net = UNet::new(&vs.root(), &arch).unwrap();
+    tch::no_grad(|| {
+        for (_, mut v) in vs.variables() {
+            v.copy_(&(Tensor::randn(v.size(), (Kind::Float, Device::Cpu)) * 0.2));
+        }
+    });
+    Checkpoint::from_var_store(&arch, &vs, BTreeMap::new()).unwrap()
+}
+
+fn ctx(
+    root: &Path,
+    name: &str,
+    work_key: &str,
+    group: usize,
+    inputs: Vec<UpstreamOutputs>,
+) -> StageContext {
+    let out = root.join("out").join(name);
+    let work = root.join("cache/v1/work").join(work_key);
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::create_dir_all(&work).unwrap();
+    StageContext {
+        id: name.to_string(),
+        group: Some(group),
+        device: "cpu".into(),
+        seed: 5,
+        inputs,
+        out_dir: out,
+        work_dir: work,
+        cancel: CancelToken::new(),
+        progress: false,
+    }
+}
+
+/// Base checkpoint and allocation as upstream outputs.
+fn upstream(root: &Path) -> Vec<UpstreamOutputs> {
+    let dir = root.join("base");
+    std::fs::create_dir_all(&dir).unwrap();
+    let base = random_checkpoint(&model(64), 6);
+    base.save(&dir.join("model.safetensors")).unwrap();
+    let mut actx = ctx(root, "allocate", "alloc", 0, Vec::new());
+    actx.group = None;
+    let ap: AllocateParams =
+        serde_json::from_value(serde_json::json!({ "groups": 2, "k": 0.5 })).unwrap();
+    allocate::run(&actx, &ap, &diffusion()).unwrap();
+    vec![
+        UpstreamOutputs {
+            id: "base".into(),
+            kind: "train".into(),
+            group: None,
+            files: BTreeMap::from([("model.safetensors".into(), dir.join("model.safetensors"))]),
+        },
+        UpstreamOutputs {
+            id: "allocate".into(),
+            kind: "snr-allocate".into(),
+            group: None,
+            files: BTreeMap::from([(
+                "allocation.json".into(),
+                actx.out_dir.join("allocation.json"),
+            )]),
+        },
+    ]
+}
+
+fn llm_params(server: &Server, rounds: usize, max_retries: usize) -> PruneParams {
+    serde_json::from_value(json!({
+        "proxy": {
+            "kind": "llm", "endpoint": server.url, "model": "test-model", "temperature": 0.0,
+            "api_key_env": KEY_ENV, "rounds": rounds, "candidates": 2, "timeout_s": 1,
+            "max_retries": max_retries, "backoff_ms": 10
+        },
+        "batch_size": 4
+    }))
+    .unwrap()
+}
+
+fn try_run(c: &StageContext, p: &PruneParams) -> anyhow::Result<Value> {
+    tch::set_num_threads(1);
+    let data = data();
+    let d = diffusion();
+    let inputs = PruneInputs { data: &data, diffusion: &d, manifest_dir: Path::new(".") };
+    prune::run(c, p, &inputs)?;
+    Ok(serde_json::from_slice(&std::fs::read(c.out_dir.join("report.json"))?)?)
+}
+
+fn bank(dir: &Path) -> Bank {
+    let v: Value = serde_json::from_slice(&std::fs::read(dir.join("bank.json")).unwrap()).unwrap();
+    Bank {
+        rounds: v["rounds"].as_u64().unwrap() as usize,
+        entries: serde_json::from_value(v["entries"].clone()).unwrap(),
+    }
+}
+
+fn body(r: &Request) -> Value {
+    serde_json::from_str(&r.body).unwrap()
+}
+
+fn files_under(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() { files_under(&p, out) } else { out.push(p) }
+    }
+}
+
+#[test]
+fn the_llm_proxy_asks_a_chat_endpoint_handles_bad_answers_and_caches_everything() {
+    set_key();
+    let root = tempfile::tempdir().unwrap();
+    let ups = upstream(root.path());
+    let s = Structure::new(&UNetArch::from_config(&model(64)).unwrap());
+    let server = Server::start();
+
+    // Round 1: two malformed answers, a 429, a timeout, then a fenced answer with one plan over
+    // budget (the full model) and one out of range.
+    let full = s.full_plan();
+    let odd: Plan = s
+        .units()
+        .iter()
+        .enumerate()
+        .map(|(i, u)| (u.name.clone(), if i == 0 { 7 } else { u.full * 10 + 3 }))
+        .collect();
+    server.push(Answer::Http(200, "this is not json".into()));
+    server.push(Answer::Http(200, chat("Here you go: {\"plans\": [")));
+    server.push(Answer::Http(429, r#"{"error":"rate limited"}"#.into()));
+    server.push(Answer::Stall(Duration::from_millis(1400)));
+    server.push(Answer::Http(
+        200,
+        chat(&format!("```json\n{}\n```", plans_answer(&[full.clone(), odd]))),
+    ));
+    let c1 = ctx(root.path(), "llm1", "key-rounds-1", 0, ups.clone());
+    let r1 = try_run(&c1, &llm_params(&server, 1, 4)).unwrap();
+    let bound = r1["bound_macs"].as_u64().unwrap();
+    assert!(r1["pruned"]["macs"].as_u64().unwrap() <= bound, "{r1}");
+    let b1 = bank(&c1.out_dir);
+    assert_eq!(b1.rounds, 1);
+    assert_eq!(b1.entries.len(), 2);
+    for e in &b1.entries {
+        assert!(e.macs <= bound, "a repaired plan is within budget: {e:?}");
+        s.check(&e.plan).unwrap();
+    }
+    let reqs = server.requests();
+    assert_eq!(reqs.len(), 5, "malformed x2, 429, timeout, success");
+    for r in &reqs {
+        assert!(r.head.starts_with("POST /v1/chat/completions "), "{}", r.head);
+        let auth = format!("authorization: bearer {KEY}");
+        assert!(r.head.to_ascii_lowercase().contains(&auth.to_ascii_lowercase()), "{}", r.head);
+        assert!(!r.body.contains(KEY));
+        assert_eq!(r.body, reqs[0].body, "a retry re-sends the same request");
+    }
+    let b = body(&reqs[0]);
+    assert_eq!(b["model"], "test-model");
+    assert_eq!(b["temperature"].as_f64(), Some(0.0));
+    assert_eq!(b["messages"][0]["role"], "system");
+    assert_eq!(b["messages"][1]["role"], "user");
+    let user = b["messages"][1]["content"].as_str().unwrap();
+    for u in s.units() {
+        assert!(user.contains(&u.name), "the prompt lists unit `{}`", u.name);
+    }
+    assert!(user.contains(&bound.to_string()), "the prompt gives the MACs budget");
+    assert!(user.contains("exactly 2 plans"));
+
+    // Raising rounds to 2 asks only for round 2, whose prompt carries round 1's results. The
+    // answer gives one plan: the other is filled by mutation.
+    let half: Plan = s.units().iter().map(|u| (u.name.clone(), u.clamp(u.full / 2))).collect();
+    server.push(Answer::Http(200, chat(&plans_answer(&[half]))));
+    let c2 = ctx(root.path(), "llm2", "key-rounds-2", 0, ups.clone());
+    let r2 = try_run(&c2, &llm_params(&server, 2, 4)).unwrap();
+    assert!(r2["pruned"]["macs"].as_u64().unwrap() <= bound);
+    let reqs = server.requests();
+    assert_eq!(reqs.len(), 6, "one request for round 2 only");
+    let user2 = body(&reqs[5])["messages"][1]["content"].as_str().unwrap().to_string();
+    assert!(user2.contains("Here are some experimental results you can use as a reference:"));
+    for e in &b1.entries {
+        let line = format!("{} gives loss {:.6}", serde_json::to_string(&e.plan).unwrap(), e.loss);
+        assert!(user2.contains(&line), "round 2's prompt has `{line}`:\n{user2}");
+    }
+    let b2 = bank(&c2.out_dir);
+    assert_eq!(b2.entries.len(), 4);
+    assert_eq!(b2.entries[..2], b1.entries[..], "round 1 comes from the cached bank");
+    assert!(b2.entries.iter().all(|e| e.macs <= bound));
+
+    // A second run makes no request: from the bank, and with the banks deleted, from the
+    // response cache (the same requests, so the same plans and losses).
+    try_run(&c2, &llm_params(&server, 2, 4)).unwrap();
+    assert_eq!(server.requests().len(), 6);
+    let banks = root.path().join("cache/v1/prune-banks");
+    let dirs: Vec<_> = std::fs::read_dir(&banks).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(dirs.len(), 1);
+    for r in 1..=2 {
+        std::fs::remove_file(dirs[0].join(format!("round-{r}.json"))).unwrap();
+    }
+    let c3 = ctx(root.path(), "llm3", "key-rounds-2b", 0, ups.clone());
+    try_run(&c3, &llm_params(&server, 2, 4)).unwrap();
+    assert_eq!(server.requests().len(), 6, "every response comes from the cache");
+    let b3 = bank(&c3.out_dir);
+    assert_eq!(b3.entries.len(), 4);
+    for (a, b) in b3.entries.iter().zip(&b2.entries) {
+        assert_eq!(a.plan, b.plan);
+        assert!((a.loss - b.loss).abs() < 1e-9);
+    }
+    assert_eq!(std::fs::read_dir(dirs[0].join("responses")).unwrap().count(), 2);
+
+    // The key is in no file under the cache, work or output directories.
+    let mut files = Vec::new();
+    files_under(root.path(), &mut files);
+    assert!(files.len() > 5);
+    for f in files {
+        let bytes = std::fs::read(&f).unwrap();
+        assert!(!bytes.windows(KEY.len()).any(|w| w == KEY.as_bytes()), "{}", f.display());
+    }
+}
+
+#[test]
+fn the_llm_proxy_fails_clearly_on_client_errors_and_endless_bad_answers() {
+    set_key();
+    let root = tempfile::tempdir().unwrap();
+    let ups = upstream(root.path());
+    let server = Server::start();
+    server.push(Answer::Http(401, format!(r#"{{"error":"bad key {KEY}"}}"#)));
+    let c = ctx(root.path(), "e1", "k1", 0, ups.clone());
+    let err = format!("{:#}", try_run(&c, &llm_params(&server, 1, 4)).unwrap_err());
+    assert!(err.contains("401") && err.contains("bad key"), "{err}");
+    assert!(!err.contains(KEY), "{err}");
+    assert_eq!(server.requests().len(), 1, "a client error is not retried");
+
+    server.push(Answer::Http(200, chat("no json here")));
+    server.push(Answer::Http(503, "busy".into()));
+    let c = ctx(root.path(), "e2", "k2", 0, ups.clone());
+    let err = format!("{:#}", try_run(&c, &llm_params(&server, 1, 1)).unwrap_err());
+    assert!(err.contains("no usable answer in 2 attempts") && err.contains("503"), "{err}");
+    assert_eq!(server.requests().len(), 3);
+
+    // Unknown fields (a key in the manifest, say) are refused.
+    let bad = serde_json::from_value::<PruneParams>(json!({
+        "proxy": { "kind": "llm", "api_key": "sk-..." }
+    }));
+    assert!(bad.is_err());
+}
