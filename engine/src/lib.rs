@@ -12,4 +12,5 @@ pub mod kinds;
 pub mod manifest;
 pub mod plan;
 pub mod report;
+pub mod report_plots;
 pub mod schema;

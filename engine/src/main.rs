@@ -76,6 +76,9 @@ enum Command {
         /// Output format
         #[arg(long, value_enum, default_value_t = ReportFormat::Markdown)]
         format: ReportFormat,
+        /// Also write PNG figures into DIR: training curves, allocation figures, FID bars
+        #[arg(long, value_name = "DIR")]
+        plots: Option<PathBuf>,
     },
     /// FID between two image folders or two pytorch-fid `.npz` statistics files; with
     /// `--save-stats`, writes the statistics of A to the file B instead
@@ -300,12 +303,22 @@ fn real_main(cli: Cli) -> anyhow::Result<u8> {
             write!(out, "{text}")?;
             Ok(0)
         }
-        Command::Report { manifests, format } => {
+        Command::Report { manifests, format, plots } => {
             let cache = open_cache(&cli.cache_dir)?;
             let mut rows = Vec::new();
+            let mut written = Vec::new();
             for path in manifests {
                 let m = Manifest::load(path)?;
                 rows.extend(progdiff::report::report(&m, &cache)?);
+                if let Some(dir) = plots {
+                    written.extend(progdiff::report_plots::write_manifest_plots(&m, &cache, dir)?);
+                }
+            }
+            if let Some(dir) = plots {
+                written.extend(progdiff::report_plots::write_fid_bars(&rows, dir)?);
+                for p in &written {
+                    eprintln!("wrote {}", p.display());
+                }
             }
             match format {
                 ReportFormat::Markdown => write!(out, "{}", progdiff::report::to_markdown(&rows))?,

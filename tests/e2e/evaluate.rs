@@ -62,6 +62,20 @@ fn ci_evaluate_manifest_reports_baseline_and_progressive_rows() {
     let csv = stdout(&p.run(&["report", "--format", "csv", "evaluate.yaml"]));
     assert_eq!(csv.lines().count(), 3, "{csv}");
 
+    // `--plots DIR`: training curves, the allocation figure and FID bars, as decodable PNGs.
+    let out = p.run(&["report", "evaluate.yaml", "--plots", "plots"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let dir = p.path().join("plots");
+    for name in ["ci-evaluate.loss.png", "ci-evaluate.allocate.allocation.png", "fid.png"] {
+        let path = dir.join(name);
+        assert!(stderr(&out).contains(&format!("wrote plots/{name}")), "{}", stderr(&out));
+        let decoder = png::Decoder::new(std::fs::File::open(&path).unwrap());
+        let mut reader = decoder.read_info().unwrap();
+        let mut buf = vec![0; reader.output_buffer_size()];
+        let info = reader.next_frame(&mut buf).unwrap();
+        assert!(info.width > 100 && info.height > 100, "{name}: {info:?}");
+    }
+
     // `progdiff fid` between the statistics the evaluation left: the stage's own value.
     let stats = outputs("eval_base")["samples.npz"].as_str().unwrap().to_string();
     let reference = features["reference.npz"].as_str().unwrap().to_string();
