@@ -19,9 +19,9 @@ use crate::train::{EMA_FILE, InitFrom, MODEL_FILE, parse_device};
 use super::budget::{ScorePriority, fit};
 use super::importance::{self, LossBatch};
 use super::params::{ProxyParams, PruneParams};
-use super::{llm, search};
 use super::structure::{Plan, Scores, Structure, UnitKind};
 use super::{BANK_FILE, REPORT_FILE};
+use super::{llm, search};
 
 /// Everything outside the stage's own parameters that pruning reads.
 #[derive(Clone, Copy, Debug)]
