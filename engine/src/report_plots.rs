@@ -164,14 +164,15 @@ fn draw_curves(
         None => root,
     };
     let has_mse = curves.iter().any(|c| !c.mse.is_empty());
-    let panels: Vec<(&str, Box<dyn Fn(&Curve) -> &[(f64, f64)]>)> = if has_mse {
-        vec![
-            ("loss", Box::new(|c: &Curve| c.loss.as_slice())),
-            ("mse", Box::new(|c: &Curve| c.mse.as_slice())),
-        ]
-    } else {
-        vec![("loss", Box::new(|c: &Curve| c.loss.as_slice()))]
-    };
+    fn loss(c: &Curve) -> &[(f64, f64)] {
+        &c.loss
+    }
+    fn mse(c: &Curve) -> &[(f64, f64)] {
+        &c.mse
+    }
+    type Series = fn(&Curve) -> &[(f64, f64)];
+    let panels: Vec<(&str, Series)> =
+        if has_mse { vec![("loss", loss), ("mse", mse)] } else { vec![("loss", loss)] };
     let areas = root.split_evenly((panels.len(), 1));
     for ((name, get), area) in panels.iter().zip(&areas) {
         let (x0, x1, y0, y1) = range_of(curves.iter().flat_map(|c| get(c).iter()));
