@@ -154,33 +154,13 @@ impl StageParams {
             }
             StageParams::Train(p) => {
                 flatten(stage, &to_value(p), &mut out);
-                out.insert("seed".into(), to_value(m.seed));
                 flatten("model", &to_value(&m.model), &mut out);
-                out.insert("diffusion.steps".into(), to_value(m.diffusion.steps));
-                out.insert("diffusion.schedule".into(), to_value(m.diffusion.schedule));
-                out.insert("diffusion.loss".into(), to_value(m.diffusion.loss));
-                out.insert(
-                    "diffusion.rescale_timesteps".into(),
-                    to_value(m.diffusion.rescale_timesteps),
-                );
-                if let Some(data) = &m.data {
-                    data_values(data, &mut out);
-                }
+                training_values(m, &mut out);
             }
             StageParams::Prune(p) => {
                 // The architecture comes from the upstream checkpoint (its key covers it).
                 flatten(stage, &to_value(p), &mut out);
-                out.insert("seed".into(), to_value(m.seed));
-                out.insert("diffusion.steps".into(), to_value(m.diffusion.steps));
-                out.insert("diffusion.schedule".into(), to_value(m.diffusion.schedule));
-                out.insert("diffusion.loss".into(), to_value(m.diffusion.loss));
-                out.insert(
-                    "diffusion.rescale_timesteps".into(),
-                    to_value(m.diffusion.rescale_timesteps),
-                );
-                if let Some(data) = &m.data {
-                    data_values(data, &mut out);
-                }
+                training_values(m, &mut out);
             }
             StageParams::Import(_) => {
                 // The file locations are not part of the key: their content digests are.
@@ -304,6 +284,19 @@ fn checked<P: DeserializeOwned + JsonSchema>(
 
 fn to_value(v: impl Serialize) -> Value {
     serde_json::to_value(v).expect("parameters serialise to JSON")
+}
+
+/// What every stage that computes the training loss reads: the seed, the diffusion process
+/// (not its sampling respacing) and the data.
+fn training_values(m: &Manifest, out: &mut BTreeMap<String, Value>) {
+    out.insert("seed".into(), to_value(m.seed));
+    out.insert("diffusion.steps".into(), to_value(m.diffusion.steps));
+    out.insert("diffusion.schedule".into(), to_value(m.diffusion.schedule));
+    out.insert("diffusion.loss".into(), to_value(m.diffusion.loss));
+    out.insert("diffusion.rescale_timesteps".into(), to_value(m.diffusion.rescale_timesteps));
+    if let Some(data) = &m.data {
+        data_values(data, out);
+    }
 }
 
 /// Fields of `data:` that name files: their content is hashed instead, so moving a dataset does

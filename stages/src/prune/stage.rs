@@ -154,6 +154,15 @@ pub fn run(
     let importance_plan = |scores: &Scores| -> anyhow::Result<Plan> {
         Ok(fit(&structure, &structure.full_plan(), bound, &ScorePriority::new(&structure, scores))?)
     };
+    let search_env = || search::SearchEnv {
+        ctx,
+        structure: &structure,
+        base: &base,
+        diffusion: &diffusion,
+        batch: &batch,
+        group: &group,
+        bound,
+    };
     let (plan, scores) = match &params.proxy {
         ProxyParams::Random(_) => {
             let s = importance::random(&structure, sub_seed(ctx.seed, group.index, 2));
@@ -180,30 +189,8 @@ pub fn run(
             timesteps_used = Some(used);
             (importance_plan(&s)?, s)
         }
-        ProxyParams::Search(p) => {
-            let env = search::SearchEnv {
-                ctx,
-                structure: &structure,
-                base: &base,
-                diffusion: &diffusion,
-                batch: &batch,
-                group: &group,
-                bound,
-            };
-            search::run(&env, p, &ctx.out_dir.join(BANK_FILE))?
-        }
-        ProxyParams::Llm(p) => {
-            let env = search::SearchEnv {
-                ctx,
-                structure: &structure,
-                base: &base,
-                diffusion: &diffusion,
-                batch: &batch,
-                group: &group,
-                bound,
-            };
-            llm::run(&env, p, &ctx.out_dir.join(BANK_FILE))?
-        }
+        ProxyParams::Search(p) => search::run(&search_env(), p, &ctx.out_dir.join(BANK_FILE))?,
+        ProxyParams::Llm(p) => llm::run(&search_env(), p, &ctx.out_dir.join(BANK_FILE))?,
     };
     ctx.cancel.check()?;
 
