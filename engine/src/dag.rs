@@ -195,35 +195,59 @@ impl Dag {
         Dag { instances }
     }
 
-    /// Graphviz DOT of the instances, labelled `id` and kind.
-    pub fn to_dot(&self, m: &Manifest) -> String {
-        let mut s = format!("digraph \"{}\" {{\n  rankdir=LR;\n  node [shape=box];\n", m.name);
-        for inst in &self.instances {
-            let kind = m.stages[inst.stage].params.kind();
-            let _ = writeln!(s, "  \"{}\" [label=\"{}\\n{}\"];", inst.id, inst.id, kind);
-        }
-        for inst in &self.instances {
-            for &d in &inst.deps {
-                let _ = writeln!(s, "  \"{}\" -> \"{}\";", self.instances[d].id, inst.id);
-            }
-        }
-        s.push_str("}\n");
-        s
+    /// The instances as graph nodes (id, kind, ids of the instances needed).
+    pub fn nodes(&self, m: &Manifest) -> Vec<GraphNode> {
+        self.instances
+            .iter()
+            .map(|inst| GraphNode {
+                id: inst.id.clone(),
+                kind: m.stages[inst.stage].params.kind().to_string(),
+                needs: inst.deps.iter().map(|&d| self.instances[d].id.clone()).collect(),
+            })
+            .collect()
     }
+}
 
-    /// Mermaid flowchart of the instances.
-    pub fn to_mermaid(&self, m: &Manifest) -> String {
-        let node_id = |i: usize| format!("n{i}");
-        let mut s = String::from("flowchart LR\n");
-        for (i, inst) in self.instances.iter().enumerate() {
-            let kind = m.stages[inst.stage].params.kind();
-            let _ = writeln!(s, "  {}[\"{}<br/>{}\"]", node_id(i), inst.id, kind);
-        }
-        for (i, inst) in self.instances.iter().enumerate() {
-            for &d in &inst.deps {
-                let _ = writeln!(s, "  {} --> {}", node_id(d), node_id(i));
-            }
-        }
-        s
+/// A node to draw.
+#[derive(Clone, Debug)]
+pub struct GraphNode {
+    /// Instance id.
+    pub id: String,
+    /// Stage kind.
+    pub kind: String,
+    /// Ids of the nodes it needs (all present in the list drawn).
+    pub needs: Vec<String>,
+}
+
+/// Graphviz DOT of `nodes`, labelled with id and kind.
+pub fn to_dot(name: &str, nodes: &[GraphNode]) -> String {
+    let quote = |s: &str| s.replace('\\', "\\\\").replace('"', "\\\"");
+    let mut s = format!("digraph \"{}\" {{\n  rankdir=LR;\n  node [shape=box];\n", quote(name));
+    for n in nodes {
+        let id = quote(&n.id);
+        let _ = writeln!(s, "  \"{id}\" [label=\"{id}\\n{}\"];", n.kind);
     }
+    for n in nodes {
+        for d in &n.needs {
+            let _ = writeln!(s, "  \"{}\" -> \"{}\";", quote(d), quote(&n.id));
+        }
+    }
+    s.push_str("}\n");
+    s
+}
+
+/// Mermaid flowchart of `nodes`.
+pub fn to_mermaid(nodes: &[GraphNode]) -> String {
+    let index: HashMap<&str, usize> =
+        nodes.iter().enumerate().map(|(i, n)| (n.id.as_str(), i)).collect();
+    let mut s = String::from("flowchart LR\n");
+    for (i, n) in nodes.iter().enumerate() {
+        let _ = writeln!(s, "  n{i}[\"{}<br/>{}\"]", n.id.replace('"', "#quot;"), n.kind);
+    }
+    for (i, n) in nodes.iter().enumerate() {
+        for d in &n.needs {
+            let _ = writeln!(s, "  n{} --> n{i}", index[d.as_str()]);
+        }
+    }
+    s
 }

@@ -18,7 +18,7 @@ use progdiff_stages::context::{CancelToken, StageContext, UpstreamOutputs};
 use serde::Serialize;
 
 use crate::manifest::Manifest;
-use crate::plan::{Plan, PlannedStage, ref_namespace};
+use crate::plan::{Plan, PlannedStage};
 
 /// How to run.
 #[derive(Clone, Debug)]
@@ -74,6 +74,9 @@ pub struct StageOutcome {
     /// The error, for failures.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The sweep variants the instance belongs to (empty without a sweep).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub variants: Vec<String>,
 }
 
 /// The result of `run`.
@@ -111,7 +114,7 @@ enum State {
 
 /// Runs `plan` to completion (or interruption) and returns the summary.
 pub fn run(
-    m: &Manifest,
+    variants: &[Manifest],
     plan: &Plan,
     cache: &Cache,
     opts: &RunOptions,
@@ -161,7 +164,7 @@ pub fn run(
                     let stage = &plan.stages[i];
                     scope.spawn(move || {
                         let outcome = execute(
-                            m,
+                            &variants[stage.source],
                             stage,
                             &inputs,
                             &input_outputs,
@@ -214,6 +217,7 @@ pub fn run(
                     device: None,
                     outputs: BTreeMap::new(),
                     error: None,
+                    variants: s.variants.clone(),
                 }
             })
         })
@@ -224,7 +228,7 @@ pub fn run(
             serde_json::to_value(s.status).expect("status").as_str().unwrap_or("").to_string();
         *counts.entry(name).or_insert(0) += 1;
     }
-    RunSummary { manifest: m.name.clone(), stages, counts, interrupted }
+    RunSummary { manifest: plan.manifest.clone(), stages, counts, interrupted }
 }
 
 fn outputs_of(cache: &Cache, record: &StageRecord) -> BTreeMap<String, PathBuf> {
@@ -254,6 +258,7 @@ pub fn execute(
         device: None,
         outputs: BTreeMap::new(),
         error: None,
+        variants: stage.variants.clone(),
     };
     let start = Instant::now();
     match execute_inner(m, stage, inputs, input_outputs, cache, device, opts, cancel) {
@@ -309,11 +314,12 @@ fn execute_inner(
         tracing::debug!(stage = %stage.id, "computed by another process meanwhile");
         return Ok((RunStatus::Hit, outputs_of(cache, &r)));
     }
-    let decl = m.stage(stage_name(&stage.id)).expect("plan ids come from the manifest");
+    let decl = m.stage(stage_name(&stage.local_id)).expect("plan ids come from the manifest");
     let staging = cache.staging_dir()?;
     let work_dir = cache.work_dir(&stage.key)?;
+    // The stage sees ids of its own variant's graph (`finetune[2]`, not `k=0.3/finetune[2]`).
     let ctx = StageContext {
-        id: stage.id.clone(),
+        id: stage.local_id.clone(),
         group: stage.group,
         device: device.to_string(),
         seed: m.seed,
@@ -321,7 +327,7 @@ fn execute_inner(
             .iter()
             .zip(input_outputs)
             .map(|(up, files)| UpstreamOutputs {
-                id: up.id.clone(),
+                id: up.local_id.clone(),
                 kind: up.kind.clone(),
                 group: up.group,
                 files: files.clone(),
@@ -374,12 +380,11 @@ fn execute_inner(
         },
     };
     cache.publish(&record)?;
-    cache.set_ref(&ref_namespace(m), &stage.id, &stage.key)?;
+    for (namespace, id) in &stage.refs {
+        cache.set_ref(namespace, id, &stage.key)?;
+    }
     cache.remove_work_dir(&stage.key)?;
     Ok((RunStatus::Ran, outputs_of(cache, &record)))
 }
 
-/// `prune[3]` -> `prune`.
-pub fn stage_name(id: &str) -> &str {
-    id.split_once('[').map(|(n, _)| n).unwrap_or(id)
-}
+pub use crate::plan::stage_name;

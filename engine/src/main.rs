@@ -8,7 +8,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use progdiff::dag::Dag;
 use progdiff::executor::{self, RunOptions, RunStatus, RunSummary};
-use progdiff::manifest::{Manifest, ManifestError};
+use progdiff::manifest::{Experiment, ManifestError};
 use progdiff::plan::{self, Plan, PlanStatus};
 use progdiff_cache::Cache;
 use progdiff_stages::context::CancelToken;
@@ -45,6 +45,9 @@ enum Command {
         /// Print JSON instead of a table
         #[arg(long)]
         json: bool,
+        /// Only the stage instances this sweep variant needs
+        #[arg(long, value_name = "NAME")]
+        variant: Option<String>,
     },
     /// Run what the plan says
     Run {
@@ -59,6 +62,9 @@ enum Command {
         /// Device pool: `cpu`, or GPUs like `cuda:0,cuda:1` (one stage per GPU at a time)
         #[arg(long, default_value = "cpu", value_delimiter = ',')]
         devices: Vec<String>,
+        /// Run only what this sweep variant needs
+        #[arg(long, value_name = "NAME")]
+        variant: Option<String>,
     },
     /// Draw the stage-instance graph
     Graph {
@@ -211,15 +217,20 @@ fn real_main(cli: Cli) -> anyhow::Result<u8> {
         Command::Validate { manifests } => {
             let mut failed = false;
             for path in manifests {
-                match Manifest::load(path) {
-                    Ok(m) => {
-                        let dag = Dag::build(&m);
-                        writeln!(
-                            out,
-                            "{}: ok ({} stage instances)",
-                            path.display(),
-                            dag.instances.len()
-                        )?;
+                match Experiment::load(path) {
+                    Ok(exp) => {
+                        let instances: usize =
+                            exp.variants.iter().map(|m| Dag::build(m).instances.len()).sum();
+                        if exp.is_sweep() {
+                            writeln!(
+                                out,
+                                "{}: ok ({} variants, {instances} stage instances before sharing)",
+                                path.display(),
+                                exp.variants.len()
+                            )?;
+                        } else {
+                            writeln!(out, "{}: ok ({instances} stage instances)", path.display())?;
+                        }
                     }
                     Err(e) => {
                         failed = true;
@@ -229,21 +240,20 @@ fn real_main(cli: Cli) -> anyhow::Result<u8> {
             }
             Ok(if failed { EXIT_INVALID } else { 0 })
         }
-        Command::Plan { manifest, json } => {
-            let m = Manifest::load(manifest)?;
+        Command::Plan { manifest, json, variant } => {
+            let exp = Experiment::load(manifest)?;
             let cache = open_cache(&cli.cache_dir)?;
-            let dag = Dag::build(&m);
-            let p = plan::plan(&m, &dag, &cache)?;
+            let p = select_variant(&exp, plan::plan_experiment(&exp, &cache)?, variant)?;
             if *json {
-                serde_json::to_writer_pretty(&mut out, &p)?;
+                serde_json::to_writer_pretty(&mut out, &PlanJson::new(&p))?;
                 writeln!(out)?;
             } else {
                 print_plan(&mut out, &p)?;
             }
             Ok(0)
         }
-        Command::Run { manifest, json, jobs, devices } => {
-            let m = Manifest::load(manifest)?;
+        Command::Run { manifest, json, jobs, devices, variant } => {
+            let exp = Experiment::load(manifest)?;
             let cache = open_cache(&cli.cache_dir)?;
             let swept = cache.sweep_tmp()?;
             if swept > 0 {
@@ -251,8 +261,7 @@ fn real_main(cli: Cli) -> anyhow::Result<u8> {
                     "removed {swept} leftovers of an interrupted run from the cache's tmp/"
                 );
             }
-            let dag = Dag::build(&m);
-            let p = plan::plan(&m, &dag, &cache)?;
+            let p = select_variant(&exp, plan::plan_experiment(&exp, &cache)?, variant)?;
             let cancel = CancelToken::new();
             let handler_token = cancel.clone();
             let _ = ctrlc::set_handler(move || {
@@ -278,7 +287,7 @@ fn real_main(cli: Cli) -> anyhow::Result<u8> {
                     "unknown device `{d}`, expected `cpu` or `cuda:N`"
                 );
             }
-            let summary = executor::run(&m, &p, &cache, &opts, &cancel);
+            let summary = executor::run(&exp.variants, &p, &cache, &opts, &cancel);
             if *json {
                 serde_json::to_writer_pretty(&mut out, &summary)?;
                 writeln!(out)?;
@@ -294,11 +303,22 @@ fn real_main(cli: Cli) -> anyhow::Result<u8> {
             })
         }
         Command::Graph { manifest, format } => {
-            let m = Manifest::load(manifest)?;
-            let dag = Dag::build(&m);
+            let exp = Experiment::load(manifest)?;
+            let nodes = if exp.is_sweep() {
+                // Which instances the variants share depends on their keys: plan them.
+                let cache = open_cache(&cli.cache_dir)?;
+                plan::plan_experiment(&exp, &cache)?
+                    .stages
+                    .into_iter()
+                    .map(|s| progdiff::dag::GraphNode { id: s.id, kind: s.kind, needs: s.needs })
+                    .collect()
+            } else {
+                let m = &exp.variants[0];
+                Dag::build(m).nodes(m)
+            };
             let text = match format {
-                GraphFormat::Dot => dag.to_dot(&m),
-                GraphFormat::Mermaid => dag.to_mermaid(&m),
+                GraphFormat::Dot => progdiff::dag::to_dot(&exp.name, &nodes),
+                GraphFormat::Mermaid => progdiff::dag::to_mermaid(&nodes),
             };
             write!(out, "{text}")?;
             Ok(0)
@@ -308,10 +328,13 @@ fn real_main(cli: Cli) -> anyhow::Result<u8> {
             let mut rows = Vec::new();
             let mut written = Vec::new();
             for path in manifests {
-                let m = Manifest::load(path)?;
-                rows.extend(progdiff::report::report(&m, &cache)?);
+                let exp = Experiment::load(path)?;
+                rows.extend(progdiff::report::report_experiment(&exp, &cache)?);
                 if let Some(dir) = plots {
-                    written.extend(progdiff::report_plots::write_manifest_plots(&m, &cache, dir)?);
+                    for m in &exp.variants {
+                        written
+                            .extend(progdiff::report_plots::write_manifest_plots(m, &cache, dir)?);
+                    }
                 }
             }
             if let Some(dir) = plots {
@@ -399,9 +422,8 @@ fn cache_command(cli: &Cli, cmd: &CacheCommand, out: &mut impl Write) -> anyhow:
         CacheCommand::Gc { manifests, dry_run } => {
             let mut keep = std::collections::BTreeSet::new();
             for path in manifests {
-                let m = Manifest::load(path)?;
-                let dag = Dag::build(&m);
-                for s in plan::plan(&m, &dag, &cache)?.stages {
+                let exp = Experiment::load(path)?;
+                for s in plan::plan_experiment(&exp, &cache)?.stages {
                     keep.insert(s.key);
                 }
             }
@@ -507,28 +529,81 @@ fn print_plan(out: &mut impl Write, p: &Plan) -> anyhow::Result<()> {
         writeln!(out)?;
     }
     let to_run = p.to_run();
-    write!(
-        out,
-        "{} stage instances: {} cached, {to_run} to run",
-        p.stages.len(),
-        p.stages.len() - to_run
-    )?;
-    let known: Vec<f64> = p
-        .stages
-        .iter()
-        .filter(|s| s.status == PlanStatus::Run)
-        .filter_map(|s| s.last_duration_s)
-        .collect();
-    if !known.is_empty() {
+    let cached = p.stages.len() - to_run;
+    if p.variants.len() > 1 {
         write!(
             out,
-            " (last runs of {} of them took {:.1}s)",
-            known.len(),
-            known.iter().sum::<f64>()
+            "{} variants -> {} stage instances, {cached} cached, {to_run} to run",
+            p.variants.len(),
+            p.stages.len()
         )?;
+    } else {
+        write!(out, "{} stage instances: {cached} cached, {to_run} to run", p.stages.len())?;
+    }
+    if to_run > 0 {
+        match p.estimate() {
+            Some((seconds, covered)) if covered == to_run => {
+                write!(out, "; about {} to run one at a time", human_duration(seconds))?
+            }
+            Some((seconds, covered)) => write!(
+                out,
+                "; about {} to run one at a time for the {covered} with recorded durations",
+                human_duration(seconds)
+            )?,
+            None => {}
+        }
     }
     writeln!(out)?;
     Ok(())
+}
+
+fn human_duration(s: f64) -> String {
+    let s = s.round() as u64;
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m{:02}s", s / 60, s % 60),
+        _ => format!("{}h{:02}m", s / 3600, (s % 3600) / 60),
+    }
+}
+
+/// `plan --json`: the plan with its summary and estimate.
+#[derive(serde::Serialize)]
+struct PlanJson<'a> {
+    #[serde(flatten)]
+    plan: &'a Plan,
+    cached: usize,
+    to_run: usize,
+    /// Serial seconds to run, from recorded durations (see `Plan::estimate`).
+    estimate_s: Option<f64>,
+}
+
+impl<'a> PlanJson<'a> {
+    fn new(plan: &'a Plan) -> Self {
+        let to_run = plan.to_run();
+        PlanJson {
+            plan,
+            cached: plan.stages.len() - to_run,
+            to_run,
+            estimate_s: plan.estimate().map(|(s, _)| s),
+        }
+    }
+}
+
+/// The plan, or with `--variant` its part that variant needs.
+fn select_variant(exp: &Experiment, p: Plan, variant: &Option<String>) -> anyhow::Result<Plan> {
+    let Some(name) = variant else { return Ok(p) };
+    if exp.variant(name).is_some() {
+        return Ok(p.only_variant(name));
+    }
+    let names: Vec<&str> = exp.variants.iter().filter_map(|v| v.variant.as_deref()).collect();
+    if names.is_empty() {
+        anyhow::bail!("`{}` declares no sweep, so it has no variant `{name}`", exp.file);
+    }
+    anyhow::bail!(
+        "`{}` has no variant `{name}`; its variants: {}",
+        exp.file,
+        names.iter().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ")
+    )
 }
 
 fn print_summary(out: &mut impl Write, s: &RunSummary) -> anyhow::Result<()> {

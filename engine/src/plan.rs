@@ -5,7 +5,7 @@
 //! Planning reads only small files: records and refs. Cached checkpoints are never re-hashed;
 //! external inputs are hashed once per file version (the cache memoises by size/mtime/inode).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use anyhow::Context as _;
 use progdiff_cache::{Cache, Digest, StageRecord};
@@ -13,7 +13,7 @@ use serde::Serialize;
 
 use crate::dag::Dag;
 use crate::fingerprint::{FINGERPRINT_FORMAT, Fingerprint};
-use crate::manifest::Manifest;
+use crate::manifest::{Experiment, Manifest};
 
 /// The digest recorded for an external input that does not exist.
 pub const MISSING_INPUT: &str = "missing";
@@ -53,6 +53,19 @@ pub struct PlannedStage {
     pub record: Option<StageRecord>,
     /// Seconds the last run of this instance took (from history), for estimates.
     pub last_duration_s: Option<f64>,
+    /// The sweep variants this instance belongs to (empty for a manifest without a sweep).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub variants: Vec<String>,
+    /// Its id within a variant's own graph (`finetune[2]`), which is what the stage sees.
+    #[serde(skip)]
+    pub local_id: String,
+    /// Index of a variant (in [`Experiment::variants`]) it belongs to; it runs with that
+    /// variant's manifest (every variant it belongs to gives it the same key, so any would do).
+    #[serde(skip)]
+    pub source: usize,
+    /// Plan-history refs to point at its key once it has run: (namespace, local id) per variant.
+    #[serde(skip)]
+    pub refs: Vec<(String, String)>,
 }
 
 /// The plan of a whole manifest, instances in topological order.
@@ -60,6 +73,9 @@ pub struct PlannedStage {
 pub struct Plan {
     /// Manifest name.
     pub manifest: String,
+    /// Sweep variant names, in sweep order (empty without a sweep).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub variants: Vec<String>,
     /// Instances.
     pub stages: Vec<PlannedStage>,
 }
@@ -69,11 +85,121 @@ impl Plan {
     pub fn to_run(&self) -> usize {
         self.stages.iter().filter(|s| s.status == PlanStatus::Run).count()
     }
+
+    /// Serial seconds the instances to run are expected to take: each one's last recorded run,
+    /// or else the mean recorded duration of the same stage's other instances (other groups,
+    /// other variants). Returns the estimate and how many of the instances to run it covers;
+    /// `None` when no duration is known at all.
+    pub fn estimate(&self) -> Option<(f64, usize)> {
+        let mut by_stage: BTreeMap<&str, (f64, usize)> = BTreeMap::new();
+        for s in &self.stages {
+            let d = s.last_duration_s.or(s.record.as_ref().map(|r| r.meta.duration_s));
+            if let Some(d) = d {
+                let e = by_stage.entry(stage_name(&s.local_id)).or_default();
+                e.0 += d;
+                e.1 += 1;
+            }
+        }
+        let mut total = 0.0;
+        let mut covered = 0;
+        for s in self.stages.iter().filter(|s| s.status == PlanStatus::Run) {
+            let guess = s
+                .last_duration_s
+                .or_else(|| by_stage.get(stage_name(&s.local_id)).map(|(sum, n)| sum / *n as f64));
+            if let Some(g) = guess {
+                total += g;
+                covered += 1;
+            }
+        }
+        (covered > 0).then_some((total, covered))
+    }
+
+    /// The plan restricted to the instances variant `name` needs.
+    pub fn only_variant(&self, name: &str) -> Plan {
+        Plan {
+            manifest: self.manifest.clone(),
+            variants: vec![name.to_string()],
+            stages: self
+                .stages
+                .iter()
+                .filter(|s| s.variants.iter().any(|v| v == name))
+                .cloned()
+                .collect(),
+        }
+    }
 }
 
-/// The namespace under which a manifest's "last key of instance X" refs live.
+/// `prune[3]` -> `prune`.
+pub fn stage_name(id: &str) -> &str {
+    id.split_once('[').map(|(n, _)| n).unwrap_or(id)
+}
+
+/// The namespace under which a manifest's "last key of instance X" refs live: the manifest's
+/// name, and `name/variant` for a sweep variant.
 pub fn ref_namespace(m: &Manifest) -> String {
-    m.name.clone()
+    match &m.variant {
+        Some(v) => format!("{}/{v}", m.name),
+        None => m.name.clone(),
+    }
+}
+
+/// Plans every variant of an experiment and merges them: an instance with the same id and key
+/// in several variants is planned (and later run) once. Instances shared by every variant keep
+/// their plain id (`base`); the others are prefixed with the first variant that has them
+/// (`groups=4/finetune[2]`).
+pub fn plan_experiment(exp: &Experiment, cache: &Cache) -> anyhow::Result<Plan> {
+    if !exp.is_sweep() {
+        let m = &exp.variants[0];
+        return plan(m, &Dag::build(m), cache);
+    }
+    let n_variants = exp.variants.len();
+    let names: Vec<String> =
+        exp.variants.iter().map(|v| v.variant.clone().unwrap_or_default()).collect();
+    let mut merged: Vec<PlannedStage> = Vec::new();
+    let mut deps: Vec<Vec<usize>> = Vec::new();
+    let mut index: HashMap<(String, Digest), usize> = HashMap::new();
+    // Stage order (a topological order of the stage graph, the same in every variant).
+    let mut rank: HashMap<String, usize> = HashMap::new();
+    for (vi, m) in exp.variants.iter().enumerate() {
+        let dag = Dag::build(m);
+        let p = plan(m, &dag, cache)?;
+        let mut local: Vec<usize> = Vec::with_capacity(p.stages.len());
+        for (i, mut s) in p.stages.into_iter().enumerate() {
+            let next = rank.len();
+            rank.entry(stage_name(&s.id).to_string()).or_insert(next);
+            let slot = match index.get(&(s.id.clone(), s.key)) {
+                Some(&j) => {
+                    merged[j].variants.push(names[vi].clone());
+                    merged[j].refs.extend(s.refs);
+                    j
+                }
+                None => {
+                    s.variants = vec![names[vi].clone()];
+                    s.source = vi;
+                    index.insert((s.id.clone(), s.key), merged.len());
+                    merged.push(s);
+                    deps.push(dag.instances[i].deps.iter().map(|&d| local[d]).collect());
+                    merged.len() - 1
+                }
+            };
+            local.push(slot);
+        }
+    }
+    for s in &mut merged {
+        if s.variants.len() < n_variants {
+            s.id = format!("{}/{}", s.variants[0], s.local_id);
+        }
+    }
+    let ids: Vec<String> = merged.iter().map(|s| s.id.clone()).collect();
+    for (s, d) in merged.iter_mut().zip(&deps) {
+        s.needs = d.iter().map(|&j| ids[j].clone()).collect();
+    }
+    // Stage by stage, variants in sweep order: reads like the manifest and stays topological.
+    let vindex: HashMap<&str, usize> =
+        names.iter().enumerate().map(|(i, n)| (n.as_str(), i)).collect();
+    merged
+        .sort_by_key(|s| (rank[stage_name(&s.local_id)], vindex[s.variants[0].as_str()], s.group));
+    Ok(Plan { manifest: exp.name.clone(), variants: names, stages: merged })
 }
 
 /// Computes keys, statuses and reasons for every instance of `dag`.
@@ -115,7 +241,13 @@ pub fn plan(m: &Manifest, dag: &Dag, cache: &Cache) -> anyhow::Result<Plan> {
         let key = fingerprint.key();
         let record =
             cache.record(&key)?.filter(|r| r.outputs.values().all(|o| cache.has_object(&o.digest)));
-        let previous = match cache.get_ref(&ns, &inst.id)? {
+        // A variant never planned before falls back to the history of the manifest without
+        // its sweep, so adding a sweep explains changes against the last plain run.
+        let prev_key = match cache.get_ref(&ns, &inst.id)? {
+            None if m.variant.is_some() => cache.get_ref(&m.name, &inst.id)?,
+            k => k,
+        };
+        let previous = match prev_key {
             Some(prev) => cache.record(&prev)?,
             None => None,
         };
@@ -169,7 +301,11 @@ pub fn plan(m: &Manifest, dag: &Dag, cache: &Cache) -> anyhow::Result<Plan> {
             fingerprint,
             record,
             last_duration_s,
+            variants: m.variant.iter().cloned().collect(),
+            local_id: inst.id.clone(),
+            source: 0,
+            refs: vec![(ns.clone(), inst.id.clone())],
         });
     }
-    Ok(Plan { manifest: m.name.clone(), stages })
+    Ok(Plan { manifest: m.name.clone(), variants: Vec::new(), stages })
 }

@@ -5,7 +5,7 @@
 //! Reports read only the cache: an instance whose current key has no record is a row marked
 //! missing, with empty cells, never zeros.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::fmt::Write as _;
 
 use anyhow::Context as _;
@@ -15,7 +15,7 @@ use serde::Serialize;
 
 use crate::dag::Dag;
 use crate::kinds::StageParams;
-use crate::manifest::Manifest;
+use crate::manifest::{Experiment, Manifest};
 use crate::plan;
 
 /// One row of a report.
@@ -27,6 +27,11 @@ pub struct ReportRow {
     pub stage: String,
     /// Row name: the stage's `label`, or its id.
     pub label: String,
+    /// The sweep variant the row belongs to; `None` without a sweep, and for an evaluation
+    /// every variant shares (the baseline, typically).
+    pub variant: Option<String>,
+    /// The evaluation's cache key.
+    pub key: String,
     /// Whether the current key's results are in the cache.
     pub evaluated: bool,
     /// FID (absent when missing or evaluated without an extractor).
@@ -67,6 +72,8 @@ pub fn report(m: &Manifest, cache: &Cache) -> anyhow::Result<Vec<ReportRow>> {
             manifest: m.name.clone(),
             stage: inst.id.clone(),
             label: p.label_or(&inst.id).to_string(),
+            variant: m.variant.clone(),
+            key: plan.stages[i].key.to_string(),
             evaluated: metrics.is_some(),
             fid: metrics.as_ref().and_then(|x| x.fid),
             macs: metrics.as_ref().map(|x| x.macs),
@@ -83,6 +90,36 @@ pub fn report(m: &Manifest, cache: &Cache) -> anyhow::Result<Vec<ReportRow>> {
         let base = r.stage.split('[').next().unwrap_or(&r.stage);
         order.iter().position(|s| *s == base)
     });
+    Ok(rows)
+}
+
+/// The rows of every variant of an experiment: an evaluation with the same key in every variant
+/// (e.g. of the base model) is one row without a variant; the others are one row per variant.
+/// Rows follow the manifest's stage order, variants in sweep order within a stage.
+pub fn report_experiment(exp: &Experiment, cache: &Cache) -> anyhow::Result<Vec<ReportRow>> {
+    if !exp.is_sweep() {
+        return report(&exp.variants[0], cache);
+    }
+    let mut rows: Vec<ReportRow> = Vec::new();
+    let mut seen: HashMap<(String, String), (usize, usize)> = HashMap::new();
+    for m in &exp.variants {
+        for r in report(m, cache)? {
+            match seen.get_mut(&(r.stage.clone(), r.key.clone())) {
+                Some((_, n)) => *n += 1,
+                None => {
+                    seen.insert((r.stage.clone(), r.key.clone()), (rows.len(), 1));
+                    rows.push(r);
+                }
+            }
+        }
+    }
+    for (i, n) in seen.into_values() {
+        if n == exp.variants.len() {
+            rows[i].variant = None;
+        }
+    }
+    let order: Vec<&str> = exp.variants[0].stages.iter().map(|s| s.name.as_str()).collect();
+    rows.sort_by_key(|r| order.iter().position(|s| *s == crate::plan::stage_name(&r.stage)));
     Ok(rows)
 }
 
@@ -124,10 +161,11 @@ pub fn si(v: f64) -> String {
     format!("{:.2}{unit}", v / div)
 }
 
-fn display_cells(r: &ReportRow) -> [String; 8] {
+fn display_cells(r: &ReportRow) -> [String; 9] {
     let e = r.evaluated;
     [
         r.label.clone(),
+        r.variant.clone().unwrap_or_else(|| SHARED.into()),
         r.stage.clone(),
         cell(r.fid.map(|f| format!("{f:.2}")), e),
         cell(r.macs.map(si), e),
@@ -138,17 +176,33 @@ fn display_cells(r: &ReportRow) -> [String; 8] {
     ]
 }
 
-const HEADERS: [&str; 8] =
-    ["model", "stage", "FID", "FLOPs (MACs)", "params", "training steps", "samples", "sampling s"];
+const HEADERS: [&str; 9] = [
+    "model",
+    "variant",
+    "stage",
+    "FID",
+    "FLOPs (MACs)",
+    "params",
+    "training steps",
+    "samples",
+    "sampling s",
+];
 
-/// A markdown table; with several manifests, a `manifest` column first.
+/// The variant cell of an evaluation every variant shares.
+const SHARED: &str = "(all)";
+
+/// A markdown table; with several manifests, a `manifest` column first; with sweep variants, a
+/// `variant` column.
 pub fn to_markdown(rows: &[ReportRow]) -> String {
     let several = rows.iter().map(|r| &r.manifest).collect::<BTreeSet<_>>().len() > 1;
+    let swept = rows.iter().any(|r| r.variant.is_some());
+    let keep = |i: usize| swept || i != 1;
     let mut out = String::new();
     let mut line = |cells: Vec<String>| {
         let _ = writeln!(out, "| {} |", cells.join(" | "));
     };
-    let mut head: Vec<String> = HEADERS.iter().map(|h| h.to_string()).collect();
+    let mut head: Vec<String> =
+        HEADERS.iter().enumerate().filter(|(i, _)| keep(*i)).map(|(_, h)| h.to_string()).collect();
     if several {
         head.insert(0, "manifest".into());
     }
@@ -156,7 +210,12 @@ pub fn to_markdown(rows: &[ReportRow]) -> String {
     line(head);
     line(rule);
     for r in rows {
-        let mut cells = display_cells(r).to_vec();
+        let mut cells: Vec<String> = display_cells(r)
+            .into_iter()
+            .enumerate()
+            .filter(|(i, _)| keep(*i))
+            .map(|(_, c)| c)
+            .collect();
         if several {
             cells.insert(0, r.manifest.clone());
         }
@@ -168,12 +227,13 @@ pub fn to_markdown(rows: &[ReportRow]) -> String {
 /// CSV with raw numbers; missing values are empty fields.
 pub fn to_csv(rows: &[ReportRow]) -> String {
     let mut out = String::from(
-        "manifest,stage,label,evaluated,fid,macs,params,training_steps,models,samples,sampling_seconds\n",
+        "manifest,variant,stage,label,evaluated,fid,macs,params,training_steps,models,samples,sampling_seconds\n",
     );
     let opt = |v: Option<String>| v.unwrap_or_default();
     for r in rows {
         let fields = [
             csv_field(&r.manifest),
+            csv_field(r.variant.as_deref().unwrap_or("")),
             csv_field(&r.stage),
             csv_field(&r.label),
             r.evaluated.to_string(),
@@ -203,6 +263,8 @@ mod tests {
             manifest: "m".into(),
             stage: "eval".into(),
             label: "IDDPM, ours".into(),
+            variant: None,
+            key: "k".into(),
             evaluated,
             fid: evaluated.then_some(3.76),
             macs: evaluated.then_some(6.56e9),
@@ -232,7 +294,7 @@ mod tests {
     #[test]
     fn csv_quotes_and_leaves_missing_empty() {
         let csv = to_csv(&[row(false)]);
-        assert_eq!(csv.lines().nth(1).unwrap(), "m,eval,\"IDDPM, ours\",false,,,,450000,,,");
+        assert_eq!(csv.lines().nth(1).unwrap(), "m,,eval,\"IDDPM, ours\",false,,,,450000,,,");
     }
 }
 

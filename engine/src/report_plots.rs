@@ -77,6 +77,8 @@ pub fn write_manifest_plots(
     std::fs::create_dir_all(dir).with_context(|| format!("creating `{}`", dir.display()))?;
     let dag = Dag::build(m);
     let plan = plan::plan(m, &dag, cache)?;
+    // `name`, or `name/variant` for a sweep variant (`/` becomes `_` in file names).
+    let label = plan::ref_namespace(m);
     let mut written = Vec::new();
     let mut curves = Vec::new();
     for (i, inst) in dag.instances.iter().enumerate() {
@@ -98,7 +100,7 @@ pub fn write_manifest_plots(
                 };
                 let path = dir.join(format!(
                     "{}.{}.allocation.png",
-                    file_part(&m.name),
+                    file_part(&label),
                     file_part(&inst.id)
                 ));
                 std::fs::write(&path, cache.read_object(&o.digest)?)
@@ -115,8 +117,8 @@ pub fn write_manifest_plots(
             let base = c.stage.split('[').next().unwrap_or(&c.stage);
             order.iter().position(|s| *s == base)
         });
-        let path = dir.join(format!("{}.loss.png", file_part(&m.name)));
-        draw_curves(&curves, &m.name, &path, text_font())?;
+        let path = dir.join(format!("{}.loss.png", file_part(&label)));
+        draw_curves(&curves, &label, &path, text_font())?;
         written.push(path);
     }
     Ok(written)
@@ -129,8 +131,11 @@ pub fn write_fid_bars(rows: &[ReportRow], dir: &Path) -> anyhow::Result<Option<P
     let bars: Vec<(String, f64)> = rows
         .iter()
         .filter_map(|r| {
-            let name =
+            let mut name =
                 if several { format!("{}: {}", r.manifest, r.label) } else { r.label.clone() };
+            if let Some(v) = &r.variant {
+                name.push_str(&format!(" [{v}]"));
+            }
             r.fid.filter(|f| f.is_finite()).map(|f| (name, f))
         })
         .collect();

@@ -5,5 +5,6 @@ mod engine;
 mod evaluate;
 mod manifests;
 mod prune;
+mod sweep;
 mod train;
 mod validate;

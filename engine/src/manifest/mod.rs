@@ -6,6 +6,8 @@
 //! range-checked and the stages are checked together (unknown `needs`, cycles, `for_each: group`
 //! without an allocation). All diagnostics are returned at once, sorted by position.
 
+mod compose;
+mod sweep;
 pub mod yaml;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -114,29 +116,42 @@ pub struct Manifest {
     pub diffusion: DiffusionConfig,
     /// Stages in manifest order.
     pub stages: Vec<StageDecl>,
+    /// The sweep variant this is (`groups=4,k=0.5`), for manifests with a `sweep:`.
+    pub variant: Option<String>,
 }
 
-impl Manifest {
-    /// Reads and validates a manifest file.
-    pub fn load(path: &Path) -> Result<Manifest, ManifestError> {
+/// A manifest file with its sweep expanded: one [`Manifest`] per variant (exactly one, with no
+/// variant name, when the file declares no sweep).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Experiment {
+    /// The file as given.
+    pub file: String,
+    /// Experiment name.
+    pub name: String,
+    /// The variants, in sweep order.
+    pub variants: Vec<Manifest>,
+}
+
+impl Experiment {
+    /// Reads a manifest file, the files it `extends:`, and expands its sweep.
+    pub fn load(path: &Path) -> Result<Experiment, ManifestError> {
         let text = std::fs::read_to_string(path)
             .map_err(|source| ManifestError::Read { path: path.to_path_buf(), source })?;
         let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
         let dir = if dir.as_os_str().is_empty() { PathBuf::from(".") } else { dir };
         let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-        Manifest::parse(&text, &path.display().to_string(), &dir, &stem)
+        Experiment::parse(&text, &path.display().to_string(), &dir, &stem)
             .map_err(ManifestError::Invalid)
     }
 
-    /// Validates manifest text. `file` labels diagnostics; `default_name` is used when the
-    /// manifest has no `name:`.
+    /// Validates manifest text (see [`Manifest::parse`]); `extends:` paths resolve against `dir`.
     pub fn parse(
         text: &str,
         file: &str,
         dir: &Path,
         default_name: &str,
-    ) -> Result<Manifest, Vec<Diagnostic>> {
-        let mut cx = Cx { file: file.to_string(), diags: Vec::new() };
+    ) -> Result<Experiment, Vec<Diagnostic>> {
+        let mut cx = Cx::new(file);
         let root = match yaml::parse(text) {
             Ok(root) => root,
             Err(errs) => {
@@ -146,12 +161,64 @@ impl Manifest {
                 return Err(cx.finish());
             }
         };
-        let manifest = cx.manifest(&root, dir, default_name);
-        let diags = cx.finish();
-        match manifest {
-            Some(m) if diags.is_empty() => Ok(m),
-            _ => Err(diags),
+        let mut chain: Vec<PathBuf> = std::fs::canonicalize(file).into_iter().collect();
+        let Some(mut root) = cx.compose(root, dir, &mut chain) else { return Err(cx.finish()) };
+        let sweep = match &mut root.kind {
+            NodeKind::Map(entries) => entries
+                .iter()
+                .position(|(k, _)| k.name == sweep::SWEEP)
+                .map(|i| entries.remove(i).1)
+                .filter(|n| n.kind != NodeKind::Null),
+            _ => None,
+        };
+        let mut variants = Vec::new();
+        match sweep {
+            None => variants.extend(cx.manifest(&root, dir, default_name)),
+            Some(node) => {
+                if let Some(specs) = cx.sweep(&root, &node) {
+                    for spec in specs {
+                        if let Some(mut m) = cx.manifest(&spec.apply(&root), dir, default_name) {
+                            m.variant = Some(spec.name);
+                            variants.push(m);
+                        }
+                    }
+                }
+            }
         }
+        let diags = cx.finish();
+        if !diags.is_empty() || variants.is_empty() {
+            return Err(diags);
+        }
+        Ok(Experiment { file: file.to_string(), name: variants[0].name.clone(), variants })
+    }
+
+    /// Whether the manifest declares a sweep.
+    pub fn is_sweep(&self) -> bool {
+        self.variants.iter().any(|v| v.variant.is_some())
+    }
+
+    /// The variant named `name`.
+    pub fn variant(&self, name: &str) -> Option<&Manifest> {
+        self.variants.iter().find(|v| v.variant.as_deref() == Some(name))
+    }
+}
+
+impl Manifest {
+    /// Reads and validates a manifest file without a sweep (see [`Experiment::load`] for
+    /// manifests that may have one).
+    pub fn load(path: &Path) -> Result<Manifest, ManifestError> {
+        Experiment::load(path)?.single().map_err(ManifestError::Invalid)
+    }
+
+    /// Validates manifest text without a sweep. `file` labels diagnostics; `default_name` is used
+    /// when the manifest has no `name:`.
+    pub fn parse(
+        text: &str,
+        file: &str,
+        dir: &Path,
+        default_name: &str,
+    ) -> Result<Manifest, Vec<Diagnostic>> {
+        Experiment::parse(text, file, dir, default_name)?.single()
     }
 
     /// The declaration of stage `name`.
@@ -166,23 +233,53 @@ impl Manifest {
     }
 }
 
-const TOP_KEYS: &[&str] = &["name", "seed", "data", "model", "diffusion", "stages"];
+impl Experiment {
+    /// The one manifest of an experiment without a sweep.
+    fn single(mut self) -> Result<Manifest, Vec<Diagnostic>> {
+        if self.variants.len() == 1 && !self.is_sweep() {
+            return Ok(self.variants.remove(0));
+        }
+        Err(vec![Diagnostic {
+            file: self.file.clone(),
+            pos: Pos::at(1, 1),
+            path: sweep::SWEEP.into(),
+            message: format!(
+                "declares a sweep of {} variants: load it as an experiment",
+                self.variants.len()
+            ),
+        }])
+    }
+}
+
+const TOP_KEYS: &[&str] =
+    &["name", "seed", "data", "model", "diffusion", "stages", "sweep", "extends"];
 pub(crate) const STAGE_KEYS: &[&str] = &["kind", "needs", "for_each"];
 
-/// Collects diagnostics for one file.
+/// Collects diagnostics for a manifest and the files it extends.
 pub(crate) struct Cx {
-    file: String,
+    /// Source files by [`Pos::src`]; the manifest given is 0.
+    files: Vec<String>,
     diags: Vec<Diagnostic>,
 }
 
 impl Cx {
+    fn new(file: &str) -> Cx {
+        Cx { files: vec![file.to_string()], diags: Vec::new() }
+    }
+
+    /// Registers a further source file; returns its index for [`Pos::src`].
+    pub(crate) fn add_file(&mut self, label: String) -> usize {
+        self.files.push(label);
+        self.files.len() - 1
+    }
+
     pub(crate) fn push_at(&mut self, pos: Pos, path: &str, message: impl Into<String>) {
         self.push(pos, path, message)
     }
 
     fn push(&mut self, pos: Pos, path: &str, message: impl Into<String>) {
         self.diags.push(Diagnostic {
-            file: self.file.clone(),
+            file: self.files.get(pos.src).unwrap_or(&self.files[0]).clone(),
             pos,
             path: path.to_string(),
             message: message.into(),
@@ -255,7 +352,7 @@ impl Cx {
             }
         }
         Some(Manifest {
-            file: self.file.clone(),
+            file: self.files[0].clone(),
             dir: dir.to_path_buf(),
             name: name?,
             seed: seed?,
@@ -263,6 +360,7 @@ impl Cx {
             model: model?,
             diffusion: diffusion?,
             stages: stages?,
+            variant: None,
         })
     }
 
@@ -593,11 +691,11 @@ fn join(prefix: &str, rest: &str) -> String {
     }
 }
 
-fn quoted(names: &[&str]) -> String {
+pub(crate) fn quoted(names: &[&str]) -> String {
     names.iter().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ")
 }
 
-fn unknown_key(key: &str, expected: &[&str]) -> String {
+pub(crate) fn unknown_key(key: &str, expected: &[&str]) -> String {
     let mut msg = format!("unknown field `{key}`, expected one of {}", quoted(expected));
     if let Some(s) = closest(key, expected.iter().copied()) {
         msg.push_str(&format!("\nhint: did you mean `{s}`?"));
@@ -606,7 +704,10 @@ fn unknown_key(key: &str, expected: &[&str]) -> String {
 }
 
 /// The candidate within edit distance 2 of `word`, if any.
-fn closest<'a>(word: &str, candidates: impl Iterator<Item = &'a str>) -> Option<&'a str> {
+pub(crate) fn closest<'a>(
+    word: &str,
+    candidates: impl Iterator<Item = &'a str>,
+) -> Option<&'a str> {
     candidates.map(|c| (levenshtein(word, c), c)).filter(|(d, _)| *d <= 2).min().map(|(_, c)| c)
 }
 

@@ -11,18 +11,25 @@ use serde_json::Value;
 use yaml_rust2::parser::{Event, MarkedEventReceiver, Parser};
 use yaml_rust2::scanner::{Marker, TScalarStyle};
 
-/// A 1-based line and column in the manifest.
+/// A 1-based line and column in a manifest file.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Pos {
     /// 1-based line.
     pub line: usize,
     /// 1-based column.
     pub col: usize,
+    /// Which file: 0 is the manifest given; files it `extends:` get further indices.
+    pub src: usize,
 }
 
 impl Pos {
-    fn from_marker(m: Marker) -> Self {
-        Pos { line: m.line(), col: m.col() + 1 }
+    /// Line `line`, column `col` of the manifest given (source 0).
+    pub fn at(line: usize, col: usize) -> Self {
+        Pos { line, col, src: 0 }
+    }
+
+    fn from_marker(m: Marker, src: usize) -> Self {
+        Pos { line: m.line(), col: m.col() + 1, src }
     }
 }
 
@@ -154,11 +161,16 @@ impl Node {
 /// (duplicate keys, non-scalar keys, several documents) are returned together; a syntax error
 /// stops parsing and is returned alone.
 pub fn parse(text: &str) -> Result<Node, Vec<YamlError>> {
-    let mut builder = Builder::default();
+    parse_source(text, 0)
+}
+
+/// [`parse`] for source file number `src` (positions carry it).
+pub fn parse_source(text: &str, src: usize) -> Result<Node, Vec<YamlError>> {
+    let mut builder = Builder { src, ..Builder::default() };
     let mut parser = Parser::new_from_str(text);
     if let Err(e) = parser.load(&mut builder, true) {
         return Err(vec![YamlError {
-            pos: Pos::from_marker(*e.marker()),
+            pos: Pos::from_marker(*e.marker(), src),
             path: String::new(),
             message: format!("invalid YAML: {}", e.info()),
         }]);
@@ -178,7 +190,7 @@ pub fn parse(text: &str) -> Result<Node, Vec<YamlError>> {
         .docs
         .into_iter()
         .next()
-        .unwrap_or(Node { pos: Pos { line: 1, col: 1 }, kind: NodeKind::Map(Vec::new()) }))
+        .unwrap_or(Node { pos: Pos { line: 1, col: 1, src }, kind: NodeKind::Map(Vec::new()) }))
 }
 
 enum Frame {
@@ -192,6 +204,7 @@ struct Builder {
     docs: Vec<Node>,
     anchors: HashMap<usize, Node>,
     errors: Vec<YamlError>,
+    src: usize,
 }
 
 impl Builder {
@@ -254,7 +267,7 @@ impl Builder {
 
 impl MarkedEventReceiver for Builder {
     fn on_event(&mut self, ev: Event, mark: Marker) {
-        let pos = Pos::from_marker(mark);
+        let pos = Pos::from_marker(mark, self.src);
         match ev {
             Event::Scalar(text, style, anchor, tag) => {
                 let kind = if tag.is_some_and(|t| t.handle == "!!" && t.suffix == "str")
@@ -393,11 +406,11 @@ mod tests {
     fn positions_are_one_based() {
         let n = parse("a: 1\nb:\n  c: [x, 2.5]\n").unwrap();
         let (k, v) = n.entry("a").unwrap();
-        assert_eq!(k.pos, Pos { line: 1, col: 1 });
-        assert_eq!(v.pos, Pos { line: 1, col: 4 });
+        assert_eq!(k.pos, Pos::at(1, 1));
+        assert_eq!(v.pos, Pos::at(1, 4));
         let c = n.get("b").unwrap().entry("c").unwrap();
-        assert_eq!(c.0.pos, Pos { line: 3, col: 3 });
-        assert_eq!(n.locate(&["b".into(), "c".into(), "1".into()]), Pos { line: 3, col: 10 });
+        assert_eq!(c.0.pos, Pos::at(3, 3));
+        assert_eq!(n.locate(&["b".into(), "c".into(), "1".into()]), Pos::at(3, 10));
     }
 
     #[test]
@@ -418,7 +431,7 @@ mod tests {
     fn duplicate_keys_and_syntax_errors_are_reported_with_positions() {
         let errs = parse("a: 1\nb: 2\na: 3\n").unwrap_err();
         assert_eq!(errs.len(), 1);
-        assert_eq!(errs[0].pos, Pos { line: 3, col: 1 });
+        assert_eq!(errs[0].pos, Pos::at(3, 1));
         assert!(errs[0].message.contains("duplicate key `a`"));
         let errs = parse("a: [1, 2\nb: 3\n").unwrap_err();
         assert!(errs[0].message.starts_with("invalid YAML"), "{errs:?}");
