@@ -48,7 +48,7 @@ fn main() {
     let p = plan::plan(&m, &dag, &cache).expect("plan");
     let t = Instant::now();
     let opts = RunOptions { jobs: 2, ..RunOptions::default() };
-    let summary = executor::run(&m, &p, &cache, &opts, &CancelToken::new());
+    let summary = executor::run(std::slice::from_ref(&m), &p, &cache, &opts, &CancelToken::new());
     assert!(summary.success(), "{summary:#?}");
     println!(
         "populated the cache: {} stage instances in {:.1}s",

@@ -54,8 +54,7 @@ pub fn manifest_schema() -> Value {
         "title": "progdiff manifest",
         "type": "object",
         "additionalProperties": false,
-        "required": ["stages"],
-        "properties": {
+                "properties": {
             "name": { "type": "string", "description": "Experiment name (defaults to the file name)." },
             "seed": { "type": "integer", "minimum": 0, "description": "Seed for every stage that draws random numbers." },
             "data": data,
@@ -65,6 +64,36 @@ pub fn manifest_schema() -> Value {
                 "type": "object",
                 "description": "Stages by name.",
                 "additionalProperties": { "oneOf": variants }
+            },
+            "extends": {
+                "type": "string",
+                "description": "A manifest this one changes (path relative to this file): mappings merge key by key, other values replace, `null` removes an inherited entry; `name` is not inherited."
+            },
+            "sweep": {
+                "type": ["object", "null"],
+                "description": "Variants of this manifest: the Cartesian product of each `product` path, the `zip` group and the `variants` list. Paths are dotted: `allocate.k`, `prune.proxy.kind`, `model.channels`, `seed`.",
+                "additionalProperties": false,
+                "properties": {
+                    "product": {
+                        "type": "object",
+                        "description": "Dotted path -> list of values; every combination is a variant.",
+                        "additionalProperties": { "type": "array", "minItems": 1 }
+                    },
+                    "zip": {
+                        "type": "object",
+                        "description": "Dotted path -> list of values, all of one length; the i-th values go together.",
+                        "additionalProperties": { "type": "array", "minItems": 1 }
+                    },
+                    "variants": {
+                        "type": "array",
+                        "description": "Named variants: `{ name: ..., <dotted path>: <value>, ... }`.",
+                        "items": {
+                            "type": "object",
+                            "required": ["name"],
+                            "properties": { "name": { "type": "string" } }
+                        }
+                    }
+                }
             }
         },
         "$defs": defs,

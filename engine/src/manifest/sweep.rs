@@ -63,6 +63,9 @@ impl VariantSpec {
 /// One option of an axis: its name part and its values.
 type Choice = (String, Vec<Override>);
 
+/// A swept path (index into the list of paths read) and its values.
+type PathValues = (usize, Vec<Node>);
+
 /// A path as written, resolved.
 struct SweptPath {
     written: String,
@@ -106,7 +109,7 @@ impl Cx {
         // Every path, to find duplicates and to name product/zip values unambiguously.
         let mut listed: Vec<SweptPath> = Vec::new();
         let mut axes: Vec<Vec<Choice>> = Vec::new();
-        let mut labelled: Vec<(usize, Vec<(usize, Vec<Node>)>)> = Vec::new(); // (axis, [(path index, values)])
+        let mut labelled: Vec<(usize, Vec<PathValues>)> = Vec::new();
         if let Some(product) = node.get("product") {
             for (pi, values) in self.path_lists(root, product, "product", &mut listed) {
                 labelled.push((axes.len(), vec![(pi, values)]));
@@ -264,7 +267,7 @@ impl Cx {
         node: &Node,
         what: &str,
         listed: &mut Vec<SweptPath>,
-    ) -> Vec<(usize, Vec<Node>)> {
+    ) -> Vec<PathValues> {
         let NodeKind::Map(entries) = &node.kind else {
             self.push_at(
                 node.pos,
@@ -412,9 +415,7 @@ impl Cx {
             _ => Vec::new(),
         };
         let first = segs[0].as_str();
-        let full: Vec<String> = if first == "stages" {
-            segs.clone()
-        } else if SECTIONS.contains(&first) {
+        let full: Vec<String> = if first == "stages" || SECTIONS.contains(&first) {
             segs.clone()
         } else if stage_names.contains(&first) {
             std::iter::once("stages".to_string()).chain(segs.iter().cloned()).collect()
