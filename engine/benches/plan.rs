@@ -2,13 +2,16 @@
 //! fanned-out stages), one of whose outputs is a 256 MiB "checkpoint". Planning must not re-hash
 //! cached outputs, so its time is independent of checkpoint sizes. Target: under 200 ms here.
 //!
+//! The same manifest as a sweep over five group counts (20..100: 600+ instances sharing the base
+//! stage) is planned too, to show what expanding and merging variants costs.
+//!
 //! `cargo bench -p progdiff --bench plan`
 
 use std::time::Instant;
 
 use progdiff::dag::Dag;
 use progdiff::executor::{self, RunOptions};
-use progdiff::manifest::Manifest;
+use progdiff::manifest::{Experiment, Manifest};
 use progdiff::plan::{self, PlanStatus};
 use progdiff_cache::Cache;
 use progdiff_stages::context::CancelToken;
@@ -70,6 +73,38 @@ fn main() {
     println!(
         "plan (load + validate + expand + keys + cache lookups), {} instances, fully cached: median {:.1} ms, min {:.1} ms, max {:.1} ms (target < 200 ms)",
         dag.instances.len(),
+        times[times.len() / 2],
+        times[0],
+        times[times.len() - 1]
+    );
+
+    let swept = dir.path().join("sweep.yaml");
+    let text =
+        format!("{MANIFEST}sweep:\n  product: {{ allocate.groups: [20, 40, 60, 80, 100] }}\n");
+    std::fs::write(&swept, text).expect("write manifest");
+    let exp = Experiment::load(&swept).expect("valid manifest");
+    let p = plan::plan_experiment(&exp, &cache).expect("plan");
+    let t = Instant::now();
+    let summary = executor::run(&exp.variants, &p, &cache, &opts, &CancelToken::new());
+    assert!(summary.success(), "{summary:#?}");
+    println!(
+        "populated the cache: {} variants, {} stage instances ({} ran) in {:.1}s",
+        exp.variants.len(),
+        p.stages.len(),
+        summary.count(executor::RunStatus::Ran),
+        t.elapsed().as_secs_f64()
+    );
+    let mut times = Vec::new();
+    for _ in 0..10 {
+        let t = Instant::now();
+        let exp = Experiment::load(&swept).expect("valid manifest");
+        let p = plan::plan_experiment(&exp, &cache).expect("plan");
+        times.push(t.elapsed().as_secs_f64() * 1000.0);
+        assert!(p.stages.iter().all(|s| s.status == PlanStatus::Cached));
+    }
+    times.sort_by(f64::total_cmp);
+    println!(
+        "plan of the 5-variant sweep, fully cached: median {:.1} ms, min {:.1} ms, max {:.1} ms",
         times[times.len() / 2],
         times[0],
         times[times.len() - 1]
