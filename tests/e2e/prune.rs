@@ -50,7 +50,7 @@ fn every_proxy_prunes_each_group_within_budget_and_finetuning_runs() {
             let bound = report["bound_macs"].as_u64().unwrap();
             assert!(macs <= bound, "{name}[{g}]: {report:#}");
             assert!(o["model.safetensors"].is_string() && o["ema.safetensors"].is_string());
-            assert_eq!(o["bank.json"].is_string(), *name == "search", "{name}");
+            assert!(o["bank.json"].is_string(), "every proxy outputs a memory bank: {name}");
             assert_eq!(status_of(&run, &format!("finetune_{name}[{g}]")), "ran");
             if g == 0 {
                 // The smaller group's model really is pruned.

@@ -40,7 +40,7 @@ use crate::cost::cost;
 use super::budget::{ScorePriority, ShapePriority, fit, macs_of};
 use super::params::LlmParams;
 use super::search::{
-    Bank, SearchEnv, bank_dir, channel_scores, finish, load_bank, measure_round, mutate,
+    Bank, SearchEnv, bank_dir, channel_scores, finish, measure_round, mutate, start_bank,
     write_atomic,
 };
 use super::stage::sub_seed;
@@ -70,10 +70,7 @@ pub fn run(env: &SearchEnv<'_>, p: &LlmParams, bank_out: &Path) -> anyhow::Resul
     let responses = dir.join("responses");
     std::fs::create_dir_all(&responses)
         .with_context(|| format!("creating `{}`", responses.display()))?;
-    let mut bank = load_bank(&dir, p.rounds);
-    if bank.rounds > 0 {
-        tracing::info!(stage = %env.ctx.id, rounds = bank.rounds, dir = %dir.display(), "memory bank reused");
-    }
+    let mut bank = start_bank(env, &scores, &dir, p.rounds)?;
     let greedy = fit(s, &s.full_plan(), env.bound, &ScorePriority::new(s, &scores))?;
     let architecture = describe(env);
     let mut conn = Connection::new(p);
@@ -119,7 +116,7 @@ pub fn run(env: &SearchEnv<'_>, p: &LlmParams, bank_out: &Path) -> anyhow::Resul
         measure_round(env, &scores, &mut bank, round, proposed)?;
         write_atomic(&dir.join(format!("round-{round}.json")), &serde_json::to_vec(&bank)?)?;
     }
-    Ok((finish(&bank, bank_out)?, scores))
+    Ok((finish(&bank, env.group.index, bank_out)?, scores))
 }
 
 /// The system message.
