@@ -221,7 +221,7 @@ pub struct LlmParams {
     /// requested JSON; then the stage fails.
     pub max_retries: usize,
     /// Base delay of the exponential backoff between retries, in milliseconds (doubles each
-    /// retry).
+    /// retry). A 429 or 5xx with `Retry-After` waits the longer of the two; no wait exceeds 60 s.
     pub backoff_ms: u64,
     /// Which channels go inside each unit.
     pub importance: ChannelImportance,
