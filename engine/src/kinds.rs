@@ -15,6 +15,7 @@ use progdiff_stages::data::DataConfig;
 use progdiff_stages::evaluate::{self, EvaluateParams};
 use progdiff_stages::fid::stage::{self as fid_extractor, ExtractorKind, ExtractorParams};
 use progdiff_stages::import::{self, ImportParams};
+use progdiff_stages::prune::params::SeedRef;
 use progdiff_stages::prune::{self, PruneInputs, PruneParams};
 use progdiff_stages::train::{self, TrainInputs, TrainParams};
 use schemars::JsonSchema;
@@ -22,7 +23,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-use crate::manifest::yaml::Node;
+use crate::manifest::yaml::{Node, NodeKind};
 use crate::manifest::{Cx, Manifest, STAGE_KEYS, flatten};
 
 /// A stage's kind with its parameters, defaults filled.
@@ -77,7 +78,9 @@ impl StageParams {
             import::KIND => {
                 checked(cx, body, prefix, ImportParams::validate).map(StageParams::Import)
             }
-            prune::KIND => checked(cx, body, prefix, PruneParams::validate).map(StageParams::Prune),
+            prune::KIND => checked(cx, body, prefix, PruneParams::validate)
+                .filter(|p| prune_refs(cx, body, prefix, p))
+                .map(StageParams::Prune),
             evaluate::KIND => {
                 checked(cx, body, prefix, EvaluateParams::validate).map(StageParams::Evaluate)
             }
@@ -280,6 +283,75 @@ fn checked<P: DeserializeOwned + JsonSchema>(
         cx.field_errors(body, prefix, errs);
         None
     }
+}
+
+/// A `prune` stage's group and `seed_bank` against its own `for_each` and `needs` (the checks that
+/// need no other stage; the seeding instance's kind and bank are checked when the stage runs).
+/// False after reporting a problem.
+fn prune_refs(cx: &mut Cx, body: &Node, prefix: &str, p: &PruneParams) -> bool {
+    let mut ok = true;
+    let fanned = body.get("for_each").is_some_and(|n| n.kind != NodeKind::Null);
+    // Positions are the keys', as for every other parameter error.
+    let key_pos = |k: &str| body.entry(k).map(|(k, _)| k.pos);
+    match (fanned, p.group, key_pos("group")) {
+        (true, Some(_), Some(pos)) => {
+            cx.push_at(
+                pos,
+                &format!("{prefix}.group"),
+                "`group` is the one group of a stage without `for_each: group`; remove one of \
+                 the two",
+            );
+            ok = false;
+        }
+        (false, None, _) => {
+            let pos = key_pos("kind").unwrap_or(body.pos);
+            cx.push_at(
+                pos,
+                prefix,
+                "a `prune` stage prunes for one group: give it `for_each: group`, or \
+                 `group: <index>` for a single group",
+            );
+            ok = false;
+        }
+        _ => {}
+    }
+    let (Some(seed), Some(pos)) = (&p.seed_bank, key_pos("seed_bank")) else { return ok };
+    let Ok(r) = SeedRef::parse(seed) else { return ok }; // reported by `validate`
+    let needs: Vec<&str> = match body.get("needs").map(|n| &n.kind) {
+        Some(NodeKind::Str(s)) => vec![s.as_str()],
+        Some(NodeKind::Seq(items)) => items
+            .iter()
+            .filter_map(|i| match &i.kind {
+                NodeKind::Str(s) => Some(s.as_str()),
+                _ => None,
+            })
+            .collect(),
+        _ => Vec::new(),
+    };
+    let path = format!("{prefix}.seed_bank");
+    if !needs.contains(&r.stage.as_str()) {
+        cx.push_at(
+            pos,
+            &path,
+            format!(
+                "stage `{}` is not among the stages this one needs\nhint: add `{}` to `needs`",
+                r.stage, r.stage
+            ),
+        );
+        ok = false;
+    } else if fanned && r.group.is_some() {
+        cx.push_at(
+            pos,
+            &path,
+            format!(
+                "`{seed}` names one group's instance, but a `for_each: group` stage receives only \
+                 its own group's instance of a fanned-out stage\nhint: name the stage alone (the \
+                 same group), or seed from a single-group `prune` stage (`group: <index>`)"
+            ),
+        );
+        ok = false;
+    }
+    ok
 }
 
 fn to_value(v: impl Serialize) -> Value {

@@ -12,9 +12,11 @@ use progdiff_stages::context::{CancelToken, StageContext, UpstreamOutputs};
 use progdiff_stages::cost::cost;
 use progdiff_stages::data::DataConfig;
 use progdiff_stages::diffusion::GaussianDiffusion;
-use progdiff_stages::prune::budget::{ScorePriority, ShapePriority, fit, is_tight, macs_of};
+use progdiff_stages::prune::budget::{
+    ScorePriority, ShapePriority, fit, is_tight, macs_of, plan_of,
+};
 use progdiff_stages::prune::importance::{self, LossBatch};
-use progdiff_stages::prune::search::Bank;
+use progdiff_stages::prune::search::{Bank, BankEntry, BankFile};
 use progdiff_stages::prune::{self, Plan, PruneInputs, PruneParams, Structure};
 use progdiff_stages::schedule::NoiseSchedule;
 use progdiff_stages::unet::{UNet, UNetArch};
@@ -264,7 +266,7 @@ fn run_stage(c: &StageContext, p: &PruneParams) -> serde_json::Value {
 }
 
 #[test]
-fn the_stage_prunes_each_group_within_budget_with_every_importance_proxy() {
+fn the_stage_prunes_each_group_within_budget_with_every_importance_proxy_and_writes_its_bank() {
     let root = tempfile::tempdir().unwrap();
     let ups = upstream(root.path());
     for (i, proxy) in ["random", "magnitude", "taylor", "diff-pruning"].into_iter().enumerate() {
@@ -287,6 +289,21 @@ fn the_stage_prunes_each_group_within_budget_with_every_importance_proxy() {
             if proxy == "diff-pruning" {
                 assert!(r["timesteps_used"].as_u64().unwrap() >= 1);
             }
+            // A one-entry bank in the search's format: the plan and the loss it gave.
+            let b = BankFile::read(&c.out_dir.join("bank.json")).unwrap();
+            assert_eq!((b.group, b.rounds, b.entries.len()), (g, 1, 1), "{proxy}[{g}]");
+            let e = &b.entries[0];
+            let kept: Plan = r["units"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|u| {
+                    (u["name"].as_str().unwrap().to_string(), u["kept"].as_u64().unwrap() as usize)
+                })
+                .collect();
+            assert_eq!((e.round, &e.plan, e.macs, e.seeded.clone()), (1, &kept, macs, None));
+            assert_eq!(e.loss, r["loss_after"].as_f64().unwrap());
+            assert_eq!(b.best, kept);
         }
     }
 }
@@ -346,4 +363,133 @@ fn search_is_deterministic_and_raising_rounds_reuses_the_cached_bank() {
         assert_eq!(a.plan, b.plan);
         assert!((a.loss - b.loss).abs() < 1e-9);
     }
+}
+
+/// Every plan one unit step away from `plan` (or `plan` itself), fitted to `bound`: what the
+/// search's one-mutation proposals from `plan` can be.
+fn one_step_fitted(s: &Structure, plan: &Plan, bound: u64) -> Vec<Plan> {
+    let w = s.widths(plan);
+    let mut out = vec![fit(s, plan, bound, &ShapePriority).unwrap()];
+    for (i, u) in s.units().iter().enumerate() {
+        for v in [(w[i] + u.step).min(u.full), w[i].saturating_sub(u.step).max(u.min())] {
+            let mut m = w.clone();
+            m[i] = v;
+            out.push(fit(s, &plan_of(s, &m), bound, &ShapePriority).unwrap());
+        }
+    }
+    out
+}
+
+#[test]
+fn a_seed_bank_starts_the_search_from_another_groups_plans_re_measured() {
+    let root = tempfile::tempdir().unwrap();
+    let ups = upstream(root.path());
+    let s = Structure::new(&UNetArch::from_config(&model(64)).unwrap());
+    let search = |seed: Option<&str>, parents: usize| -> PruneParams {
+        serde_json::from_value(serde_json::json!({
+            "proxy": { "kind": "search", "rounds": 1, "candidates": 3, "parents": parents,
+                       "mutations": 1 },
+            "batch_size": 4,
+            "seed_bank": seed,
+        }))
+        .unwrap()
+    };
+    let as_upstream = |c: &StageContext| UpstreamOutputs {
+        id: c.id.clone(),
+        kind: "prune".into(),
+        group: None,
+        // A `prune` instance outputs a model too: not the one to prune.
+        files: ["bank.json", "model.safetensors", "ema.safetensors", "report.json"]
+            .into_iter()
+            .map(|f| (f.to_string(), c.out_dir.join(f)))
+            .collect(),
+    };
+
+    // The seed: group 1's search, 2 rounds x 2 plans.
+    let cs = ctx(root.path(), "seed", "k-seed", 1, ups.clone());
+    run_stage(&cs, &params(serde_json::json!({ "kind": "search", "rounds": 2, "candidates": 2 })));
+    let seed = BankFile::read(&cs.out_dir.join("bank.json")).unwrap();
+    assert_eq!((seed.group, seed.entries.len()), (1, 4));
+
+    // Group 0 without and with the seed.
+    let cp = ctx(root.path(), "plain", "k-plain", 0, ups.clone());
+    run_stage(&cp, &search(None, 1));
+    let plain = BankFile::read(&cp.out_dir.join("bank.json")).unwrap();
+    let mut seeded_ups = ups.clone();
+    seeded_ups.push(as_upstream(&cs));
+    let c = ctx(root.path(), "seeded", "k-seeded", 0, seeded_ups);
+    let r = run_stage(&c, &search(Some("seed"), 1));
+    let b = BankFile::read(&c.out_dir.join("bank.json")).unwrap();
+    let bound = r["bound_macs"].as_u64().unwrap();
+    assert!(r["pruned"]["macs"].as_u64().unwrap() <= bound);
+
+    // Round 0: the seed's plans, best first, fitted to this group's bound, duplicates dropped,
+    // each measured again here (the seed's loss kept aside).
+    let mut ranked: Vec<&BankEntry> = seed.entries.iter().collect();
+    ranked.sort_by(|a, b| a.loss.total_cmp(&b.loss));
+    let mut expected: Vec<(Plan, f64)> = Vec::new();
+    for e in ranked {
+        let f = fit(&s, &e.plan, bound, &ShapePriority).unwrap();
+        if !expected.iter().any(|(p, _)| *p == f) {
+            expected.push((f, e.loss));
+        }
+    }
+    let round0: Vec<&BankEntry> = b.entries.iter().filter(|e| e.round == 0).collect();
+    assert_eq!(round0.len(), expected.len());
+    assert_eq!(b.entries[..round0.len()].iter().collect::<Vec<_>>(), round0, "round 0 comes first");
+    for (e, (plan, seed_loss)) in round0.iter().zip(&expected) {
+        assert_eq!(&e.plan, plan);
+        let origin = e.seeded.as_ref().expect("a seeded entry says where it came from");
+        assert_eq!((origin.group, origin.loss), (1, *seed_loss));
+        assert!(e.loss.is_finite() && e.loss != origin.loss, "re-measured on group 0: {e:?}");
+        assert!(e.macs <= bound);
+    }
+
+    // Round 1 mutates the seed's best plan: with one parent and one unit step per mutation,
+    // every candidate is one of its one-step neighbours fitted to the bound. The unseeded search
+    // starts from the importance-greedy plan instead.
+    assert_eq!(b.rounds, 1);
+    let round1: Vec<&BankEntry> = b.entries.iter().filter(|e| e.round == 1).collect();
+    assert_eq!(round1.len(), 3);
+    let parent = &round0.iter().min_by(|a, b| a.loss.total_cmp(&b.loss)).unwrap().plan;
+    let near = one_step_fitted(&s, parent, bound);
+    for e in &round1 {
+        assert!(near.contains(&e.plan), "{:?} is no one-step mutation of the seed's best", e.plan);
+    }
+    assert!(!near.contains(&plain.entries[0].plan), "the test needs a seed far from greedy");
+    assert!(!b.entries.iter().any(|e| e.plan == plain.entries[0].plan));
+
+    // Seeding from the same group's bank re-measures exactly: tight plans are kept as they
+    // are and the batch is the same, so the losses are the unseeded search's.
+    let mut same_ups = ups.clone();
+    same_ups.push(as_upstream(&cp));
+    let c2 = ctx(root.path(), "same", "k-same", 0, same_ups);
+    run_stage(&c2, &search(Some("plain"), 1));
+    let b2 = BankFile::read(&c2.out_dir.join("bank.json")).unwrap();
+    let mut plain_ranked = plain.entries.clone();
+    plain_ranked.sort_by(|a, b| a.loss.total_cmp(&b.loss));
+    let same0: Vec<&BankEntry> = b2.entries.iter().filter(|e| e.round == 0).collect();
+    assert_eq!(same0.len(), plain_ranked.len());
+    for (e, p) in same0.iter().zip(&plain_ranked) {
+        assert_eq!((&e.plan, e.loss), (&p.plan, p.loss));
+    }
+
+    // The seed is part of the bank side store's key: seed, plain, and one per seeded search.
+    let banks = root.path().join("cache/v1/prune-banks");
+    assert_eq!(std::fs::read_dir(&banks).unwrap().count(), 4);
+
+    // References that resolve to no bank fail before any work.
+    let c3 = ctx(root.path(), "bad", "k-bad", 0, ups.clone());
+    let try_seed = |seed: &str| {
+        let data = data();
+        let d = diffusion();
+        let inputs = PruneInputs { data: &data, diffusion: &d, manifest_dir: Path::new(".") };
+        format!("{:#}", prune::run(&c3, &search(Some(seed), 1), &inputs).unwrap_err())
+    };
+    let e = try_seed("nowhere");
+    assert!(e.contains("stage `nowhere` is not upstream of `bad`"), "{e}");
+    let e = try_seed("base");
+    assert!(e.contains("upstream `base` (`train`) has no memory bank (`bank.json`)"), "{e}");
+    let e = try_seed("allocate[1]");
+    assert!(e.contains("not `allocate[1]`"), "{e}");
 }

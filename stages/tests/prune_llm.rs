@@ -2,24 +2,25 @@
 //! the request's fields and memory bank, malformed / over-budget / 429 / timeout answers, the
 //! response cache (a re-run makes no request), the API key in no file, and raising `rounds`.
 
-use std::collections::{BTreeMap, VecDeque};
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+#[path = "../../tests/support/chat_server.rs"]
+mod chat_server;
+
+use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use progdiff_stages::allocate::{self, AllocateParams};
 use progdiff_stages::checkpoint::Checkpoint;
 use progdiff_stages::config::{DiffusionConfig, ModelConfig};
 use progdiff_stages::context::{CancelToken, StageContext, UpstreamOutputs};
 use progdiff_stages::data::DataConfig;
-use progdiff_stages::prune::search::Bank;
+use progdiff_stages::prune::search::{Bank, BankFile};
 use progdiff_stages::prune::{self, Plan, PruneInputs, PruneParams, Structure};
 use progdiff_stages::schedule::NoiseSchedule;
 use progdiff_stages::unet::{UNet, UNetArch};
 use serde_json::{Value, json};
+
+use chat_server::{Answer, Request, Server, chat};
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
@@ -33,120 +34,6 @@ fn set_key() {
     unsafe {
         std::env::set_var(KEY_ENV, KEY);
     }
-}
-
-/// One scripted answer.
-enum Answer {
-    /// Status and body.
-    Http(u16, String),
-    /// Read the request, then hold the connection this long without answering.
-    Stall(Duration),
-}
-
-/// One recorded request.
-#[derive(Clone, Debug)]
-struct Request {
-    head: String,
-    body: String,
-}
-
-/// A local HTTP/1.1 server answering scripted responses in order (500 once the script is out),
-/// recording each request; it stops when dropped or after ten minutes.
-struct Server {
-    url: String,
-    script: Arc<Mutex<VecDeque<Answer>>>,
-    log: Arc<Mutex<Vec<Request>>>,
-    stop: Arc<AtomicBool>,
-}
-
-impl Server {
-    fn start() -> Server {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.set_nonblocking(true).unwrap();
-        let url = format!("http://{}/v1", listener.local_addr().unwrap());
-        let script = Arc::new(Mutex::new(VecDeque::new()));
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let stop = Arc::new(AtomicBool::new(false));
-        let (s, l, st) = (script.clone(), log.clone(), stop.clone());
-        std::thread::spawn(move || {
-            let deadline = Instant::now() + Duration::from_secs(600);
-            while !st.load(Ordering::Relaxed) && Instant::now() < deadline {
-                match listener.accept() {
-                    Ok((stream, _)) => serve(stream, &s, &l),
-                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
-                }
-            }
-        });
-        Server { url, script, log, stop }
-    }
-
-    fn push(&self, a: Answer) {
-        self.script.lock().unwrap().push_back(a);
-    }
-
-    fn requests(&self) -> Vec<Request> {
-        self.log.lock().unwrap().clone()
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-    }
-}
-
-fn serve(mut stream: TcpStream, script: &Mutex<VecDeque<Answer>>, log: &Mutex<Vec<Request>>) {
-    stream.set_nonblocking(false).unwrap();
-    stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
-    let head_end = loop {
-        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break i + 4;
-        }
-        match stream.read(&mut chunk) {
-            Ok(0) | Err(_) => return,
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-        }
-    };
-    let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
-    let len = head
-        .lines()
-        .find_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            k.eq_ignore_ascii_case("content-length").then(|| v.trim().parse::<usize>().ok())?
-        })
-        .unwrap_or(0);
-    while buf.len() < head_end + len {
-        match stream.read(&mut chunk) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-        }
-    }
-    let body = String::from_utf8_lossy(&buf[head_end..]).to_string();
-    log.lock().unwrap().push(Request { head, body });
-    let answer = script
-        .lock()
-        .unwrap()
-        .pop_front()
-        .unwrap_or_else(|| Answer::Http(500, r#"{"error":"unscripted request"}"#.into()));
-    match answer {
-        Answer::Stall(d) => std::thread::sleep(d),
-        Answer::Http(code, body) => {
-            let reply = format!(
-                "HTTP/1.1 {code} Scripted\r\nContent-Type: application/json\r\nContent-Length: \
-                 {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = stream.write_all(reply.as_bytes());
-        }
-    }
-}
-
-/// A chat-completions response whose message is `content`.
-fn chat(content: &str) -> String {
-    json!({ "id": "x", "choices": [{ "index": 0, "message": { "role": "assistant", "content": content } }] })
-        .to_string()
 }
 
 fn plans_answer(plans: &[Plan]) -> String {
@@ -306,11 +193,11 @@ fn the_llm_proxy_asks_a_chat_endpoint_handles_bad_answers_and_caches_everything(
         .enumerate()
         .map(|(i, u)| (u.name.clone(), if i == 0 { 7 } else { u.full * 10 + 3 }))
         .collect();
-    server.push(Answer::Http(200, "this is not json".into()));
-    server.push(Answer::Http(200, chat("Here you go: {\"plans\": [")));
-    server.push(Answer::Http(429, r#"{"error":"rate limited"}"#.into()));
+    server.push(Answer::status(200, "this is not json"));
+    server.push(Answer::status(200, chat("Here you go: {\"plans\": [")));
+    server.push(Answer::status(429, r#"{"error":"rate limited"}"#));
     server.push(Answer::Stall(Duration::from_millis(1400)));
-    server.push(Answer::Http(
+    server.push(Answer::status(
         200,
         chat(&format!("```json\n{}\n```", plans_answer(&[full.clone(), odd]))),
     ));
@@ -349,7 +236,7 @@ fn the_llm_proxy_asks_a_chat_endpoint_handles_bad_answers_and_caches_everything(
     // Raising rounds to 2 asks only for round 2, whose prompt carries round 1's results. The
     // answer gives one plan: the other is filled by mutation.
     let half: Plan = s.units().iter().map(|u| (u.name.clone(), u.clamp(u.full / 2))).collect();
-    server.push(Answer::Http(200, chat(&plans_answer(&[half]))));
+    server.push(Answer::status(200, chat(&plans_answer(&[half]))));
     let c2 = ctx(root.path(), "llm2", "key-rounds-2", 0, ups.clone());
     let r2 = try_run(&c2, &llm_params(&server, 2, 4)).unwrap();
     assert!(r2["pruned"]["macs"].as_u64().unwrap() <= bound);
@@ -403,15 +290,15 @@ fn the_llm_proxy_fails_clearly_on_client_errors_and_endless_bad_answers() {
     let root = tempfile::tempdir().unwrap();
     let ups = upstream(root.path());
     let server = Server::start();
-    server.push(Answer::Http(401, format!(r#"{{"error":"bad key {KEY}"}}"#)));
+    server.push(Answer::status(401, format!(r#"{{"error":"bad key {KEY}"}}"#)));
     let c = ctx(root.path(), "e1", "k1", 0, ups.clone());
     let err = format!("{:#}", try_run(&c, &llm_params(&server, 1, 4)).unwrap_err());
     assert!(err.contains("401") && err.contains("bad key"), "{err}");
     assert!(!err.contains(KEY), "{err}");
     assert_eq!(server.requests().len(), 1, "a client error is not retried");
 
-    server.push(Answer::Http(200, chat("no json here")));
-    server.push(Answer::Http(503, "busy".into()));
+    server.push(Answer::status(200, chat("no json here")));
+    server.push(Answer::status(503, "busy"));
     let c = ctx(root.path(), "e2", "k2", 0, ups.clone());
     let err = format!("{:#}", try_run(&c, &llm_params(&server, 1, 1)).unwrap_err());
     assert!(err.contains("no usable answer in 2 attempts") && err.contains("503"), "{err}");
@@ -422,4 +309,66 @@ fn the_llm_proxy_fails_clearly_on_client_errors_and_endless_bad_answers() {
         "proxy": { "kind": "llm", "api_key": "sk-..." }
     }));
     assert!(bad.is_err());
+}
+
+#[test]
+fn retry_after_on_a_429_is_honoured() {
+    set_key();
+    let root = tempfile::tempdir().unwrap();
+    let ups = upstream(root.path());
+    let server = Server::start();
+    server.push(Answer::status(429, r#"{"error":"slow down"}"#).header("Retry-After", "1"));
+    server.push(Answer::chat(r#"{"plans": [{}, {}]}"#));
+    let c = ctx(root.path(), "ra", "k-ra", 0, ups);
+    // backoff_ms is 10: only the header explains a wait of a second.
+    try_run(&c, &llm_params(&server, 1, 2)).unwrap();
+    let reqs = server.requests();
+    assert_eq!(reqs.len(), 2);
+    let waited = reqs[1].at - reqs[0].at;
+    assert!(waited >= Duration::from_secs(1), "retried after {waited:?}");
+}
+
+#[test]
+fn a_seed_bank_fills_the_first_prompt_with_the_seeds_plans_re_measured() {
+    set_key();
+    let root = tempfile::tempdir().unwrap();
+    let mut ups = upstream(root.path());
+    // The seed: group 1's search bank (2 plans).
+    let cs = ctx(root.path(), "seed", "k-seed", 1, ups.clone());
+    let search: PruneParams = serde_json::from_value(json!({
+        "proxy": { "kind": "search", "rounds": 1, "candidates": 2 }, "batch_size": 4
+    }))
+    .unwrap();
+    try_run(&cs, &search).unwrap();
+    let seed: BankFile =
+        serde_json::from_slice(&std::fs::read(cs.out_dir.join("bank.json")).unwrap()).unwrap();
+    ups.push(UpstreamOutputs {
+        id: "seed".into(),
+        kind: "prune".into(),
+        group: None,
+        files: BTreeMap::from([("bank.json".into(), cs.out_dir.join("bank.json"))]),
+    });
+
+    let server = Server::start();
+    server.push(Answer::chat(r#"{"plans": [{}, {}]}"#));
+    let c = ctx(root.path(), "seeded", "k-seeded", 0, ups);
+    let mut p = llm_params(&server, 1, 0);
+    p.seed_bank = Some("seed".into());
+    try_run(&c, &p).unwrap();
+    let reqs = server.requests();
+    assert_eq!(reqs.len(), 1);
+    let user = body(&reqs[0])["messages"][1]["content"].as_str().unwrap().to_string();
+    assert!(!user.contains("No plan has been measured yet"), "{user}");
+    assert!(user.contains("Here are some experimental results you can use as a reference:"));
+    let b: BankFile =
+        serde_json::from_slice(&std::fs::read(c.out_dir.join("bank.json")).unwrap()).unwrap();
+    let round0: Vec<_> = b.entries.iter().filter(|e| e.round == 0).collect();
+    assert!(!round0.is_empty() && round0.len() <= seed.entries.len());
+    for e in round0 {
+        // This group's loss, not the seed's.
+        assert_eq!(e.seeded.as_ref().unwrap().group, 1);
+        let line = format!("{} gives loss {:.6}", serde_json::to_string(&e.plan).unwrap(), e.loss);
+        assert!(user.contains(&line), "the first prompt has `{line}`:\n{user}");
+    }
+    assert_eq!(b.entries.iter().filter(|e| e.round == 1).count(), 2);
 }

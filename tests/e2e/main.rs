@@ -1,5 +1,7 @@
 //! End-to-end tests: the `progdiff` binary on tiny manifests in temporary directories.
 
+#[path = "../support/chat_server.rs"]
+mod chat_server;
 mod common;
 mod engine;
 mod evaluate;

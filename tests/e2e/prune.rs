@@ -1,6 +1,8 @@
 //! The `prune` stage end to end (issue 4): base -> allocate -> prune[i] -> finetune[i], with every
-//! pruned model within its group's budget, for each proxy.
+//! pruned model within its group's budget, for each proxy (`llm` against a scripted local chat
+//! server); banks seeding other groups' searches.
 
+use crate::chat_server::{Answer, Server};
 use crate::common::*;
 
 const PRUNE: &str = include_str!("../../manifests/ci/prune.yaml");
@@ -50,7 +52,7 @@ fn every_proxy_prunes_each_group_within_budget_and_finetuning_runs() {
             let bound = report["bound_macs"].as_u64().unwrap();
             assert!(macs <= bound, "{name}[{g}]: {report:#}");
             assert!(o["model.safetensors"].is_string() && o["ema.safetensors"].is_string());
-            assert_eq!(o["bank.json"].is_string(), *name == "search", "{name}");
+            assert!(o["bank.json"].is_string(), "every proxy outputs a memory bank: {name}");
             assert_eq!(status_of(&run, &format!("finetune_{name}[{g}]")), "ran");
             if g == 0 {
                 // The smaller group's model really is pruned.
@@ -93,4 +95,224 @@ fn raising_search_rounds_reruns_prune_and_reuses_the_cached_bank() {
     assert!(
         dirs.iter().all(|d| d.join("round-3.json").is_file() && d.join("round-2.json").is_file())
     );
+}
+
+/// The CI manifest with its `prune` stage's lines replaced by `prune`.
+fn with_prune(prune: &str) -> String {
+    let start = PRUNE.find("  prune:\n").unwrap();
+    let end = PRUNE.find("  finetune:\n").unwrap();
+    format!("{}{prune}{}", &PRUNE[..start], &PRUNE[end..])
+}
+
+fn files_under(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() { files_under(&p, out) } else { out.push(p) }
+    }
+}
+
+const LLM_KEY_ENV: &str = "PROGDIFF_E2E_LLM_KEY";
+const LLM_KEY: &str = "sk-e2e-7c41d09b-never-on-disk";
+
+#[test]
+fn the_llm_proxy_runs_end_to_end_against_a_local_chat_server_and_caches_everything() {
+    let server = Server::start();
+    // Every answer: one plan keeping everything (fitted to the budget); the second candidate
+    // of each round is filled by mutation.
+    server.set_fallback(Answer::chat(r#"{"plans": [{}]}"#));
+    let p = Project::new();
+    p.write(
+        "m.yaml",
+        &with_prune(&format!(
+            "  prune:\n    kind: prune\n    needs: [base, allocate]\n    for_each: group\n    \
+             batch_size: 4\n    proxy: {{ kind: llm, endpoint: \"{}\", model: test-model, \
+             api_key_env: {LLM_KEY_ENV}, rounds: 2, candidates: 2, timeout_s: 30, \
+             backoff_ms: 10 }}\n",
+            server.url
+        )),
+    );
+    let run = |p: &Project| {
+        let out = p.cmd(&["run", "--json", "m.yaml"]).env(LLM_KEY_ENV, LLM_KEY).output().unwrap();
+        assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
+        for text in [stdout(&out), stderr(&out)] {
+            assert!(!text.contains(LLM_KEY), "the key is in the output:\n{text}");
+        }
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v
+    };
+    let first = run(&p);
+    let requests = server.requests();
+    assert_eq!(requests.len(), 4, "2 groups x 2 rounds, one request each");
+    for r in &requests {
+        assert!(r.head.starts_with("POST /v1/chat/completions "), "{}", r.head);
+        assert!(r.head.contains(LLM_KEY), "the key goes in the Authorization header");
+        assert!(!r.body.contains(LLM_KEY));
+    }
+    for g in 0..2 {
+        assert_eq!(status_of(&first, &format!("prune[{g}]")), "ran");
+        assert_eq!(status_of(&first, &format!("finetune[{g}]")), "ran");
+        let o = outputs(&first, &format!("prune[{g}]"));
+        let report: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(o["report.json"].as_str().unwrap()).unwrap())
+                .unwrap();
+        assert_eq!(report["proxy"], "llm");
+        assert!(report["pruned"]["macs"].as_u64() <= report["bound_macs"].as_u64(), "{report}");
+        let bank: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(o["bank.json"].as_str().unwrap()).unwrap())
+                .unwrap();
+        assert_eq!((bank["group"].as_u64(), bank["rounds"].as_u64()), (Some(g), Some(2)));
+        assert_eq!(bank["entries"].as_array().unwrap().len(), 4);
+    }
+
+    // A second run executes nothing and asks nothing.
+    let second = run(&p);
+    assert_eq!(server.requests().len(), 4);
+    assert_eq!(second["counts"].get("ran"), None, "{second:#}");
+    assert!(stage_rows(&second).iter().all(|r| r.1 == "hit"), "{second:#}");
+
+    // The key is in no file under the cache directory.
+    let mut files = Vec::new();
+    files_under(&p.cache(), &mut files);
+    assert!(files.iter().any(|f| f.to_string_lossy().contains("responses")), "{files:?}");
+    for f in files {
+        let bytes = std::fs::read(&f).unwrap();
+        assert!(
+            !bytes.windows(LLM_KEY.len()).any(|w| w == LLM_KEY.as_bytes()),
+            "the key is in {}",
+            f.display()
+        );
+    }
+}
+
+/// `seed` searches for group 1 alone; every group's search starts from its bank.
+const SEEDED: &str = "  seed:
+    kind: prune
+    needs: [base, allocate]
+    group: 1
+    batch_size: 4
+    proxy: { kind: search, rounds: 1, candidates: 2 }
+  prune:
+    kind: prune
+    needs: [base, allocate, seed]
+    for_each: group
+    batch_size: 4
+    seed_bank: seed
+    proxy: { kind: search, rounds: 1, candidates: 2 }
+";
+
+#[test]
+fn a_single_group_bank_seeds_every_groups_search() {
+    let p = Project::new();
+    p.write("m.yaml", &with_prune(SEEDED));
+    let out = p.run(&["validate", "m.yaml"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    // The seed is an ordinary upstream instance: a static edge to each group's search.
+    let dot = stdout(&p.run(&["graph", "m.yaml"]));
+    for g in 0..2 {
+        assert!(dot.contains(&format!("\"seed\" -> \"prune[{g}]\"")), "{dot}");
+    }
+
+    let (out, run) = p.json(&["run", "--json", "m.yaml"]);
+    assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
+    let seed: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(outputs(&run, "seed")["bank.json"].as_str().unwrap()).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(seed["group"], 1);
+    let seed_plans: Vec<&serde_json::Value> =
+        seed["entries"].as_array().unwrap().iter().map(|e| &e["plan"]).collect();
+    for g in 0..2 {
+        let bank: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(outputs(&run, &format!("prune[{g}]"))["bank.json"].as_str().unwrap())
+                .unwrap(),
+        )
+        .unwrap();
+        let round0: Vec<&serde_json::Value> =
+            bank["entries"].as_array().unwrap().iter().filter(|e| e["round"] == 0).collect();
+        assert!(!round0.is_empty(), "prune[{g}]: {bank:#}");
+        for e in &round0 {
+            assert_eq!(e["seeded"]["group"], 1, "{e}");
+        }
+        if g == 1 {
+            // The seed's own group: its plans are already tight, so they come back as they are.
+            for e in &round0 {
+                assert!(seed_plans.contains(&&e["plan"]), "{e}");
+            }
+        }
+    }
+
+    // The seed is part of the key: a longer seed search re-runs every seeded search.
+    p.write("m.yaml", &with_prune(&SEEDED.replacen("rounds: 1", "rounds: 2", 1)));
+    let (out, plan) = p.json(&["plan", "--json", "m.yaml"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(status_of(&plan, "base"), "cached");
+    for id in ["seed", "prune[0]", "prune[1]"] {
+        assert_eq!(status_of(&plan, id), "run", "{id}");
+    }
+    // And so is `seed_bank` itself.
+    p.write("m.yaml", &with_prune(&SEEDED.replace("    seed_bank: seed\n", "")));
+    let (_, plan) = p.json(&["plan", "--json", "m.yaml"]);
+    let rows = stage_rows(&plan);
+    let r0 = rows.iter().find(|r| r.0 == "prune[0]").unwrap();
+    assert_eq!(r0.1, "run");
+    assert!(r0.2.iter().any(|r| r.contains("prune.seed_bank")), "{:?}", r0.2);
+}
+
+#[test]
+fn bad_seed_banks_and_groups_are_reported_with_positions() {
+    let p = Project::new();
+    p.write(
+        "m.yaml",
+        &with_prune(
+            "  seed:
+    kind: prune
+    needs: [base, allocate]
+    batch_size: 4
+  prune:
+    kind: prune
+    needs: [base, allocate]
+    for_each: group
+    group: 0
+    seed_bank: seed
+    proxy: { kind: search }
+  fanned:
+    kind: prune
+    needs: [base, allocate, prune]
+    for_each: group
+    seed_bank: prune[1]
+    proxy: { kind: llm }
+  importance:
+    kind: prune
+    needs: [base, allocate, prune]
+    for_each: group
+    seed_bank: prune
+  garbled:
+    kind: prune
+    needs: [base, allocate, prune]
+    for_each: group
+    seed_bank: \"prune[x\"
+    proxy: { kind: search }
+",
+        ),
+    );
+    let out = p.run(&["validate", "m.yaml"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let err = stderr(&out);
+    let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("m.yaml:")).collect();
+    let expected = [
+        "m.yaml:15:5: `stages.seed`: a `prune` stage prunes for one group: give it `for_each: \
+         group`, or `group: <index>` for a single group",
+        "m.yaml:22:5: `stages.prune.group`: `group` is the one group of a stage without \
+         `for_each: group`; remove one of the two",
+        "m.yaml:23:5: `stages.prune.seed_bank`: stage `seed` is not among the stages this one \
+         needs",
+        "m.yaml:29:5: `stages.fanned.seed_bank`: `prune[1]` names one group's instance, but a \
+         `for_each: group` stage receives only its own group's instance of a fanned-out stage",
+        "m.yaml:35:5: `stages.importance.seed_bank`: only the `search` and `llm` proxies start \
+         from a memory bank, not `magnitude`",
+        "m.yaml:40:5: `stages.garbled.seed_bank`: expected `<stage>` or `<stage>[<group>]`, got \
+         `prune[x`",
+    ];
+    assert_eq!(lines, expected, "{err}");
+    assert!(err.contains("hint: add `seed` to `needs`"), "{err}");
 }

@@ -12,7 +12,10 @@
 //! **Answers.** Code fences around the JSON are stripped. An answer that is not that JSON is
 //! asked for again (same request), as are timeouts, transport errors, 429 and 5xx (exponential
 //! backoff from `backoff_ms`), up to `max_retries` retries in all; then the stage fails with the
-//! last reason. Other HTTP errors fail at once with the status and the body. Widths are rounded,
+//! last reason. A 429 or 5xx carrying `Retry-After` (delay-seconds, or an IMF-fixdate HTTP-date)
+//! waits the longer of that and the backoff, at most [`MAX_RETRY_WAIT`]: the server's hint is
+//! honoured but never shortens the backoff, and a server asking for hours gets a retry after a
+//! minute (and, if it still refuses, the stage fails once the retries are spent). Other HTTP errors fail at once with the status and the body. Widths are rounded,
 //! then every plan goes through [`fit`] (granularity, `[min, full]`, the bound), so a plan over
 //! budget or out of range is repaired, never exceeds the bound. Unknown unit names are ignored;
 //! units left out keep their full width. Extra plans are dropped; **fewer plans than asked are
@@ -26,9 +29,14 @@
 //! JSON>.json`, so a re-run that builds the same requests (same bank, same prompt) makes no HTTP
 //! call. The API key travels only in the `Authorization` header: it is never part of a request
 //! body, a digest, a file, a log line or an error (an error body echoing it is redacted).
+//!
+//! **TLS.** `https` endpoints go through rustls with the `ring` crypto provider, installed as the
+//! process default before the client is built ([`http_client`]); certificates are checked against
+//! the platform's roots. (reqwest's `rustls` feature would bring the `aws-lc-rs` provider, whose
+//! C build costs minutes in CI.)
 
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use anyhow::{Context as _, bail};
 use rand::SeedableRng;
@@ -40,7 +48,7 @@ use crate::cost::cost;
 use super::budget::{ScorePriority, ShapePriority, fit, macs_of};
 use super::params::LlmParams;
 use super::search::{
-    Bank, SearchEnv, bank_dir, channel_scores, finish, load_bank, measure_round, mutate,
+    Bank, SearchEnv, bank_dir, channel_scores, finish, measure_round, mutate, start_bank,
     write_atomic,
 };
 use super::stage::sub_seed;
@@ -50,8 +58,8 @@ use super::structure::{Plan, Scores, Structure, UnitKind};
 const FILL_MUTATIONS: usize = 4;
 /// Parents (best bank plans) filling mutations start from.
 const FILL_PARENTS: usize = 2;
-/// Longest single backoff delay.
-const MAX_BACKOFF: Duration = Duration::from_secs(60);
+/// Longest wait before a retry, whatever the backoff or `Retry-After` say.
+pub const MAX_RETRY_WAIT: Duration = Duration::from_secs(60);
 
 /// Runs (or resumes) the LLM-proposed search; writes the final bank to `bank_out` and returns
 /// the best plan with the channel scores used to apply it.
@@ -70,10 +78,7 @@ pub fn run(env: &SearchEnv<'_>, p: &LlmParams, bank_out: &Path) -> anyhow::Resul
     let responses = dir.join("responses");
     std::fs::create_dir_all(&responses)
         .with_context(|| format!("creating `{}`", responses.display()))?;
-    let mut bank = load_bank(&dir, p.rounds);
-    if bank.rounds > 0 {
-        tracing::info!(stage = %env.ctx.id, rounds = bank.rounds, dir = %dir.display(), "memory bank reused");
-    }
+    let mut bank = start_bank(env, &scores, &dir, p.rounds)?;
     let greedy = fit(s, &s.full_plan(), env.bound, &ScorePriority::new(s, &scores))?;
     let architecture = describe(env);
     let mut conn = Connection::new(p);
@@ -119,7 +124,7 @@ pub fn run(env: &SearchEnv<'_>, p: &LlmParams, bank_out: &Path) -> anyhow::Resul
         measure_round(env, &scores, &mut bank, round, proposed)?;
         write_atomic(&dir.join(format!("round-{round}.json")), &serde_json::to_vec(&bank)?)?;
     }
-    Ok((finish(&bank, bank_out)?, scores))
+    Ok((finish(&bank, env.group.index, bank_out)?, scores))
 }
 
 /// The system message.
@@ -224,11 +229,10 @@ fn propose(
         }
     }
     let mut last = String::new();
+    let mut retry_after = None;
     for attempt in 0..=p.max_retries {
         if attempt > 0 {
-            let factor = 1u64 << (attempt - 1).min(16);
-            let delay = Duration::from_millis(p.backoff_ms.saturating_mul(factor)).min(MAX_BACKOFF);
-            std::thread::sleep(delay);
+            std::thread::sleep(retry_wait(p.backoff_ms, attempt, retry_after.take()));
         }
         let reason = match conn.send(&canonical)? {
             Reply::Body(body) => match parse_response(&body, s) {
@@ -238,7 +242,10 @@ fn propose(
                 }
                 Err(e) => format!("the answer is not the requested JSON ({e})"),
             },
-            Reply::Retry(why) => why,
+            Reply::Retry { why, after } => {
+                retry_after = after;
+                why
+            }
         };
         tracing::warn!(attempt = attempt + 1, endpoint = %conn.url, "LLM request: {reason}");
         last = reason;
@@ -251,12 +258,75 @@ fn propose(
     )
 }
 
+/// The wait before retry `attempt` (1-based): `backoff_ms * 2^(attempt - 1)`, or the server's
+/// `Retry-After` when that is longer, at most [`MAX_RETRY_WAIT`].
+pub fn retry_wait(backoff_ms: u64, attempt: usize, retry_after: Option<Duration>) -> Duration {
+    let factor = 1u64 << attempt.saturating_sub(1).min(16);
+    let backoff = Duration::from_millis(backoff_ms.saturating_mul(factor));
+    backoff.max(retry_after.unwrap_or_default()).min(MAX_RETRY_WAIT)
+}
+
+/// The wait a `Retry-After` value asks for at `now`: delay-seconds (`120`) or an IMF-fixdate
+/// (`Sun, 06 Nov 1994 08:49:37 GMT`; a date in the past asks for no wait). Other forms (the
+/// obsolete RFC 850 and asctime dates) and garbage give `None`: the backoff alone applies.
+pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
+    let v = value.trim();
+    if !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()) {
+        // Too many digits for u64 saturates: the cap applies anyway.
+        return Some(Duration::from_secs(v.parse().unwrap_or(u64::MAX)));
+    }
+    let at = imf_fixdate(v)?;
+    Some(at.duration_since(now).unwrap_or_default())
+}
+
+/// Parses `Sun, 06 Nov 1994 08:49:37 GMT`.
+fn imf_fixdate(v: &str) -> Option<SystemTime> {
+    let (_weekday, rest) = v.split_once(", ")?;
+    let parts: Vec<&str> = rest.split(' ').collect();
+    let [day, month, year, time, "GMT"] = parts.as_slice() else { return None };
+    const MONTHS: [&str; 12] =
+        ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
+    let month = MONTHS.iter().position(|m| m == month)? as i64 + 1;
+    let (day, year): (i64, i64) = (day.parse().ok()?, year.parse().ok()?);
+    let hms: Vec<i64> = time.split(':').map(|x| x.parse().ok()).collect::<Option<_>>()?;
+    let [h, m, s] = hms.as_slice() else { return None };
+    if !(1..=31).contains(&day) || year < 1970 || *h > 23 || *m > 59 || *s > 60 {
+        return None;
+    }
+    // Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's days_from_civil).
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (month + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let secs = days * 86_400 + h * 3600 + m * 60 + s;
+    Some(SystemTime::UNIX_EPOCH + Duration::from_secs(u64::try_from(secs).ok()?))
+}
+
+/// The HTTP client: rustls with the `ring` provider (see the module docs), `timeout` per request.
+pub fn http_client(timeout: Duration) -> anyhow::Result<reqwest::blocking::Client> {
+    // Fails only when a provider is already installed in this process; that one is then used.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::blocking::Client::builder()
+        .timeout(timeout)
+        .build()
+        .context("building the HTTP client")
+}
+
 /// What one attempt gave.
 enum Reply {
     /// A 2xx body.
     Body(String),
-    /// A transient failure worth retrying.
-    Retry(String),
+    /// A transient failure worth retrying, with the server's `Retry-After`, if any.
+    Retry { why: String, after: Option<Duration> },
+}
+
+impl Reply {
+    fn retry(why: String) -> Reply {
+        Reply::Retry { why, after: None }
+    }
 }
 
 /// The HTTP client, built (and the key read) on the first request, so a fully cached run needs
@@ -288,10 +358,7 @@ impl Connection {
                         self.key_env
                     )
                 })?;
-            let client = reqwest::blocking::Client::builder()
-                .timeout(self.timeout)
-                .build()
-                .context("building the HTTP client")?;
+            let client = http_client(self.timeout)?;
             self.inner = Some((client, key));
         }
         let (client, key) = self.inner.as_ref().expect("set above");
@@ -305,21 +372,30 @@ impl Connection {
         {
             Ok(r) => r,
             Err(e) if e.is_timeout() => {
-                return Ok(Reply::Retry(format!("no answer within {:?}", self.timeout)));
+                return Ok(Reply::retry(format!("no answer within {:?}", self.timeout)));
             }
-            Err(e) => return Ok(Reply::Retry(redact(&format!("request failed: {e}")))),
+            Err(e) => return Ok(Reply::retry(redact(&format!("request failed: {e}")))),
         };
         let status = resp.status();
+        let after = resp
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| parse_retry_after(v, SystemTime::now()));
         let text = match resp.text() {
             Ok(t) => t,
-            Err(e) => return Ok(Reply::Retry(redact(&format!("reading the answer failed: {e}")))),
+            Err(e) => return Ok(Reply::retry(redact(&format!("reading the answer failed: {e}")))),
         };
         if status.is_success() {
             return Ok(Reply::Body(text));
         }
         let shown: String = redact(&text).chars().take(2000).collect();
         if status.as_u16() == 429 || status.is_server_error() {
-            return Ok(Reply::Retry(format!("HTTP {status}: {shown}")));
+            let mut why = format!("HTTP {status}: {shown}");
+            if let Some(a) = after {
+                why.push_str(&format!(" (Retry-After: {} s)", a.as_secs()));
+            }
+            return Ok(Reply::Retry { why, after });
         }
         bail!("the LLM endpoint `{}` answered HTTP {status}: {shown}", self.url)
     }
@@ -370,7 +446,55 @@ fn parse_response(body: &str, s: &Structure) -> Result<Vec<Plan>, String> {
 
 #[cfg(test)]
 mod tests {
-    use super::strip_fences;
+    use std::time::{Duration, SystemTime};
+
+    use super::{MAX_RETRY_WAIT, http_client, parse_retry_after, retry_wait, strip_fences};
+
+    #[test]
+    fn retry_after_takes_seconds_and_http_dates() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(784_111_777); // 1994-11-06 08:49:37
+        let secs = |v: &str| parse_retry_after(v, now).map(|d| d.as_secs());
+        assert_eq!(secs("1"), Some(1));
+        assert_eq!(secs(" 120 "), Some(120));
+        assert_eq!(secs("99999999999999999999999"), Some(u64::MAX));
+        assert_eq!(secs("Sun, 06 Nov 1994 08:49:37 GMT"), Some(0));
+        assert_eq!(secs("Sun, 06 Nov 1994 08:50:07 GMT"), Some(30));
+        assert_eq!(secs("Mon, 07 Nov 1994 08:49:37 GMT"), Some(86_400));
+        assert_eq!(secs("Sat, 01 Mar 2025 00:00:00 GMT"), Some(1_740_787_200 - 784_111_777));
+        assert_eq!(secs("Sun, 06 Nov 1994 08:00:00 GMT"), Some(0), "a past date: no wait");
+        for bad in ["", "-1", "1.5", "soon", "Sunday, 06-Nov-94 08:49:37 GMT", "Sun, 06 Nov 1994"] {
+            assert_eq!(secs(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn the_wait_is_the_longer_of_backoff_and_retry_after_capped() {
+        let ms = Duration::from_millis;
+        assert_eq!(retry_wait(100, 1, None), ms(100));
+        assert_eq!(retry_wait(100, 3, None), ms(400));
+        assert_eq!(retry_wait(100, 1, Some(ms(1000))), ms(1000));
+        assert_eq!(retry_wait(100, 3, Some(ms(50))), ms(400), "never shorter than the backoff");
+        assert_eq!(retry_wait(100, 1, Some(Duration::from_secs(3600))), MAX_RETRY_WAIT);
+        assert_eq!(retry_wait(u64::MAX, 60, None), MAX_RETRY_WAIT);
+    }
+
+    #[test]
+    fn the_https_client_builds_with_the_ring_provider() {
+        // Without a crypto provider reqwest's `rustls-no-provider` panics when building.
+        let client = http_client(Duration::from_secs(1)).unwrap();
+        assert!(rustls::crypto::CryptoProvider::get_default().is_some());
+        // A TLS handshake with a server that does not speak TLS fails as an error, not a panic.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        std::thread::spawn(move || {
+            if let Ok((mut s, _)) = listener.accept() {
+                use std::io::Write;
+                let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n");
+            }
+        });
+        let err = client.get(format!("https://{addr}/")).send().unwrap_err();
+        assert!(err.is_connect() || err.is_request(), "{err:?}");
+    }
 
     #[test]
     fn fences_and_prose_are_stripped() {

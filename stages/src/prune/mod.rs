@@ -12,7 +12,8 @@
 //!
 //! Outputs: the pruned `model.safetensors` and `ema.safetensors` (the same pruned weights, so a
 //! downstream `train` fine-tunes from them whichever it prefers), `report.json`
-//! ([`stage::PruneReport`]) and, for `search` and `llm`, `bank.json`.
+//! ([`stage::PruneReport`]) and `bank.json` ([`search::BankFile`]): the memory bank of `search`
+//! and `llm`, a one-entry bank (the plan and its loss) for the importance proxies.
 
 pub mod budget;
 pub mod importance;
@@ -28,9 +29,10 @@ pub use structure::{Plan, Structure, Unit, UnitKind};
 
 /// Stage kind name.
 pub const KIND: &str = "prune";
-/// Implementation version: bump when pruning results would change.
-pub const VERSION: u32 = 1;
+/// Implementation version: bump when pruning results would change (2: every proxy outputs
+/// `bank.json`, with the group).
+pub const VERSION: u32 = 2;
 /// Output: the report.
 pub const REPORT_FILE: &str = "report.json";
-/// Output of the `search` and `llm` proxies: the final memory bank.
+/// Output: the final memory bank (one entry for the importance proxies).
 pub const BANK_FILE: &str = "bank.json";

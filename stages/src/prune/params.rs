@@ -17,11 +17,82 @@ pub struct PruneParams {
     pub batch_size: usize,
     /// Which upstream weights to prune: the EMA weights (default) or the raw ones.
     pub init: InitFrom,
+    /// The one group a stage without `for_each: group` prunes for (an index into the upstream
+    /// allocation's groups). Such a single-group stage is how one group's memory bank seeds the
+    /// searches of other groups (`seed_bank`): a `for_each: group` stage receives only its own
+    /// group's instance of another fanned-out stage, but every stage receives a single-group
+    /// stage it needs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub group: Option<usize>,
+    /// Starts the `search` or `llm` memory-bank loop from another `prune` instance's memory bank
+    /// (its `bank.json`) instead of an empty one: `<stage>` or `<stage>[<group>]`, a stage this
+    /// one `needs`. `<stage>` alone is that stage's single instance (a single-group stage, or the
+    /// same group's instance of a fanned-out one); `<stage>[<group>]` picks one instance of a
+    /// fanned-out stage and is for a stage without `for_each: group` (which receives all of them).
+    ///
+    /// The seed's losses were measured on its own group's timesteps and bound, so they are not
+    /// reused: as round 0 of this search, each seed plan is fitted to this group's bound
+    /// (duplicates dropped), pruned and **re-measured** on this group's fixed batch. Those entries
+    /// carry `round: 0` and `seeded: { group, loss }` (the seed's group and the loss the plan had
+    /// there) in `bank.json`. They are round 1's parents (`search`) or the prompt's first results
+    /// (`llm`); `rounds` counts the rounds after them. The seed's bank is part of both the stage's
+    /// cache key (through the seeding instance's key) and the bank side store's digest.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub seed_bank: Option<String>,
 }
 
 impl Default for PruneParams {
     fn default() -> Self {
-        PruneParams { proxy: ProxyParams::default(), batch_size: 16, init: InitFrom::Ema }
+        PruneParams {
+            proxy: ProxyParams::default(),
+            batch_size: 16,
+            init: InitFrom::Ema,
+            group: None,
+            seed_bank: None,
+        }
+    }
+}
+
+/// A parsed `seed_bank` reference: `stage` or `stage[group]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SeedRef {
+    /// The stage name.
+    pub stage: String,
+    /// The instance's group, when given.
+    pub group: Option<usize>,
+}
+
+impl SeedRef {
+    /// Parses `stage` or `stage[group]`.
+    pub fn parse(s: &str) -> Result<SeedRef, String> {
+        let bad = || format!("expected `<stage>` or `<stage>[<group>]`, got `{s}`");
+        let (stage, group) = match s.split_once('[') {
+            None => (s, None),
+            Some((stage, rest)) => {
+                let g = rest.strip_suffix(']').ok_or_else(bad)?;
+                (stage, Some(g.parse::<usize>().map_err(|_| bad())?))
+            }
+        };
+        let ok_name = stage.chars().next().is_some_and(|c| c.is_ascii_alphabetic())
+            && stage.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+        if !ok_name {
+            return Err(bad());
+        }
+        Ok(SeedRef { stage: stage.to_string(), group })
+    }
+
+    /// The instance id it names (`prune[3]`), when it names a group.
+    pub fn instance(&self) -> Option<String> {
+        self.group.map(|g| format!("{}[{g}]", self.stage))
+    }
+}
+
+impl std::fmt::Display for SeedRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.group {
+            Some(g) => write!(f, "{}[{g}]", self.stage),
+            None => f.write_str(&self.stage),
+        }
     }
 }
 
@@ -150,7 +221,7 @@ pub struct LlmParams {
     /// requested JSON; then the stage fails.
     pub max_retries: usize,
     /// Base delay of the exponential backoff between retries, in milliseconds (doubles each
-    /// retry).
+    /// retry). A 429 or 5xx with `Retry-After` waits the longer of the two; no wait exceeds 60 s.
     pub backoff_ms: u64,
     /// Which channels go inside each unit.
     pub importance: ChannelImportance,
@@ -179,6 +250,19 @@ impl PruneParams {
         let mut e = Vec::new();
         if self.batch_size == 0 {
             e.push(FieldError::at("batch_size", "must be at least 1, got 0"));
+        }
+        if let Some(seed) = &self.seed_bank {
+            if let Err(m) = SeedRef::parse(seed) {
+                e.push(FieldError::at("seed_bank", m));
+            } else if !matches!(self.proxy, ProxyParams::Search(_) | ProxyParams::Llm(_)) {
+                e.push(FieldError::at(
+                    "seed_bank",
+                    format!(
+                        "only the `search` and `llm` proxies start from a memory bank, not `{}`",
+                        self.proxy.kind()
+                    ),
+                ));
+            }
         }
         let at =
             |f: &str, m: String| FieldError { path: vec!["proxy".into(), f.into()], message: m };

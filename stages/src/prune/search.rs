@@ -16,8 +16,16 @@
 //! `round-5.json` and runs rounds 6-8 only; lowering it reuses `round-r.json` as is. Every round
 //! is deterministic from the manifest seed, the group and the round index, so a resumed search
 //! equals an uninterrupted one. The side store is not collected by `cache gc`.
+//!
+//! **Seeds.** With `seed_bank` ([`super::PruneParams::seed_bank`]) the loop starts from another
+//! instance's bank: round 0 fits each of its plans to this group's bound and re-measures it on
+//! this group's batch ([`seed_round`], saved as `round-0.json`), and round 1 mutates the best of
+//! those instead of starting from the importance-greedy plan. The seed's contents are part of the
+//! side store's digest.
+//!
+//! **Output.** `bank.json` ([`BankFile`]) is written by every proxy: the importance proxies write
+//! a one-entry bank (their plan and its loss), so a seed can come from any `prune` instance.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
@@ -50,6 +58,41 @@ pub struct BankEntry {
     pub macs: u64,
     /// Mean loss on the group's fixed batch, right after pruning.
     pub loss: f64,
+    /// For a round-0 entry of a seeded search: where the plan came from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seeded: Option<Seeded>,
+}
+
+/// The origin of a seeded entry.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Seeded {
+    /// The group whose bank held the plan.
+    pub group: usize,
+    /// The loss it had there: on that group's timesteps, before fitting to this group's bound
+    /// (this entry's `loss` is re-measured here).
+    pub loss: f64,
+}
+
+/// `bank.json`: the memory bank every `prune` instance outputs.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BankFile {
+    /// The group the bank's losses were measured on.
+    pub group: usize,
+    /// Rounds completed (round 0, a seed, not counted).
+    pub rounds: usize,
+    /// Every measured plan, in order.
+    pub entries: Vec<BankEntry>,
+    /// The plan with the lowest loss: the one the stage pruned with.
+    pub best: Plan,
+}
+
+impl BankFile {
+    /// Reads a `bank.json`.
+    pub fn read(path: &Path) -> anyhow::Result<BankFile> {
+        let bytes = std::fs::read(path).with_context(|| format!("reading `{}`", path.display()))?;
+        serde_json::from_slice(&bytes)
+            .with_context(|| format!("`{}` is not a memory bank", path.display()))
+    }
 }
 
 /// The memory bank: every plan measured so far, in order.
@@ -86,6 +129,8 @@ pub struct SearchEnv<'a> {
     pub group: &'a Group,
     /// MACs bound.
     pub bound: u64,
+    /// The bank the search starts from (`seed_bank`), if any.
+    pub seed: Option<&'a BankFile>,
 }
 
 /// The side-store directory of a memory-bank search's banks; `params_key` is the proxy's settings
@@ -112,6 +157,10 @@ pub(super) fn bank_dir(
     h.update(&(env.diffusion.num_timesteps() as u64).to_le_bytes());
     h.update(params_key.as_bytes());
     h.update(scores_from.as_bytes());
+    if let Some(seed) = env.seed {
+        h.update(b"seed\n");
+        h.update(&serde_json::to_vec(&(seed.group, &seed.entries))?);
+    }
     let digest = h.finalize().to_hex();
     // The work area is `<cache>/v1/work/<key>`: the side store sits beside `work`.
     let v1 = env
@@ -138,9 +187,10 @@ pub(super) fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The latest saved bank with at most `rounds` rounds.
+/// The latest saved bank with at most `rounds` rounds (`round-0.json`: a seeded search's round
+/// 0).
 pub(super) fn load_bank(dir: &Path, rounds: usize) -> Bank {
-    (1..=rounds)
+    (0..=rounds)
         .rev()
         .find_map(|r| {
             let bytes = std::fs::read(dir.join(format!("round-{r}.json"))).ok()?;
@@ -177,10 +227,7 @@ pub fn run(
     let key = SearchParams { rounds: 0, ..p.clone() };
     let dir = bank_dir(env, &serde_json::to_string(&key)?, scores_from)?;
     std::fs::create_dir_all(&dir).with_context(|| format!("creating `{}`", dir.display()))?;
-    let mut bank = load_bank(&dir, p.rounds);
-    if bank.rounds > 0 {
-        tracing::info!(stage = %env.ctx.id, rounds = bank.rounds, dir = %dir.display(), "memory bank reused");
-    }
+    let mut bank = start_bank(env, &scores, &dir, p.rounds)?;
     let greedy = fit(s, &s.full_plan(), env.bound, &ScorePriority::new(s, &scores))?;
     while bank.rounds < p.rounds {
         env.ctx.cancel.check()?;
@@ -195,7 +242,7 @@ pub fn run(
         let mut proposed: Vec<Plan> = Vec::new();
         for j in 0..p.candidates {
             let parent = &parents[j % parents.len()];
-            let mut cand = if round == 1 && j == 0 {
+            let mut cand = if bank.entries.is_empty() && j == 0 {
                 greedy.clone()
             } else {
                 fit(s, &mutate(s, parent, p.mutations, &mut rng), env.bound, &ShapePriority)?
@@ -214,7 +261,59 @@ pub fn run(
         measure_round(env, &scores, &mut bank, round, proposed)?;
         write_atomic(&dir.join(format!("round-{round}.json")), &serde_json::to_vec(&bank)?)?;
     }
-    Ok((finish(&bank, bank_out)?, scores))
+    Ok((finish(&bank, env.group.index, bank_out)?, scores))
+}
+
+/// The bank a search resumes from: the latest saved round, else the seed's round 0 (measured
+/// and saved now), else empty.
+pub(super) fn start_bank(
+    env: &SearchEnv<'_>,
+    scores: &Scores,
+    dir: &Path,
+    rounds: usize,
+) -> anyhow::Result<Bank> {
+    let bank = load_bank(dir, rounds);
+    if bank.rounds > 0 || !bank.entries.is_empty() {
+        tracing::info!(stage = %env.ctx.id, rounds = bank.rounds, dir = %dir.display(), "memory bank reused");
+        return Ok(bank);
+    }
+    let Some(seed) = env.seed else { return Ok(bank) };
+    let bank = seed_round(env, scores, seed)?;
+    write_atomic(&dir.join("round-0.json"), &serde_json::to_vec(&bank)?)?;
+    tracing::info!(
+        stage = %env.ctx.id,
+        seed_group = seed.group,
+        plans = bank.entries.len(),
+        "memory bank seeded"
+    );
+    Ok(bank)
+}
+
+/// Round 0 of a seeded search: each of the seed's plans (best first) fitted to this group's
+/// bound, duplicates dropped, pruned and measured on this group's batch.
+pub fn seed_round(env: &SearchEnv<'_>, scores: &Scores, seed: &BankFile) -> anyhow::Result<Bank> {
+    let s = env.structure;
+    let mut seen: Vec<Plan> = Vec::new();
+    let mut origin = Vec::new();
+    let mut ranked: Vec<&BankEntry> = seed.entries.iter().collect();
+    ranked.sort_by(|a, b| a.loss.total_cmp(&b.loss));
+    for e in ranked {
+        s.check(&e.plan).map_err(|m| {
+            anyhow::anyhow!("the seed bank (group {}) does not fit this model: {m}", seed.group)
+        })?;
+        let plan = fit(s, &e.plan, env.bound, &ShapePriority)?;
+        if !seen.contains(&plan) {
+            seen.push(plan);
+            origin.push(Seeded { group: seed.group, loss: e.loss });
+        }
+    }
+    anyhow::ensure!(!seen.is_empty(), "the seed bank (group {}) is empty", seed.group);
+    let mut bank = Bank::default();
+    measure_round(env, scores, &mut bank, 0, seen)?;
+    for (e, o) in bank.entries.iter_mut().zip(origin) {
+        e.seeded = Some(o);
+    }
+    Ok(bank)
 }
 
 /// Per-element channel scores for applying plans, and their name (part of the bank's key).
@@ -254,21 +353,18 @@ pub(super) fn measure_round(
         let pruned = s.apply(env.base, &plan, scores)?;
         let loss = importance::loss(&pruned, env.diffusion, env.batch)?;
         let macs = macs_of(s, &s.widths(&plan));
-        bank.entries.push(BankEntry { round, plan, macs, loss });
+        bank.entries.push(BankEntry { round, plan, macs, loss, seeded: None });
     }
     bank.rounds = round;
     Ok(())
 }
 
-/// Writes the final bank to `bank_out` and returns its best plan.
-pub(super) fn finish(bank: &Bank, bank_out: &Path) -> anyhow::Result<Plan> {
+/// Writes the final bank of `group` to `bank_out` as a [`BankFile`] and returns its best plan.
+pub(super) fn finish(bank: &Bank, group: usize, bank_out: &Path) -> anyhow::Result<Plan> {
     // A bank loaded for fewer rounds than it holds cannot happen (files hold exactly `r`).
     let best = bank.ranked().first().map(|e| e.plan.clone()).context("the memory bank is empty")?;
-    let out: BTreeMap<&str, serde_json::Value> = BTreeMap::from([
-        ("rounds", serde_json::to_value(bank.rounds)?),
-        ("entries", serde_json::to_value(&bank.entries)?),
-        ("best", serde_json::to_value(&best)?),
-    ]);
+    let out =
+        BankFile { group, rounds: bank.rounds, entries: bank.entries.clone(), best: best.clone() };
     std::fs::write(bank_out, serde_json::to_vec_pretty(&out)?)?;
     Ok(best)
 }

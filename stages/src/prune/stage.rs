@@ -18,7 +18,8 @@ use crate::train::{EMA_FILE, InitFrom, MODEL_FILE, parse_device};
 
 use super::budget::{ScorePriority, fit};
 use super::importance::{self, LossBatch};
-use super::params::{ProxyParams, PruneParams};
+use super::params::{ProxyParams, PruneParams, SeedRef};
+use super::search::{Bank, BankEntry, BankFile};
 use super::structure::{Plan, Scores, Structure, UnitKind};
 use super::{BANK_FILE, REPORT_FILE};
 use super::{llm, search};
@@ -87,11 +88,21 @@ pub(crate) fn sub_seed(seed: u64, group: usize, purpose: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// The group this instance prunes for, from the upstream allocation.
-fn group_of(ctx: &StageContext, steps: usize) -> anyhow::Result<Group> {
-    let g = ctx.group.with_context(|| {
-        format!("stage `{}` prunes for one group; give it `for_each: group`", ctx.id)
-    })?;
+/// The group this instance prunes for (its `for_each: group` index, or `group:`), from the
+/// upstream allocation.
+fn group_of(ctx: &StageContext, params: &PruneParams, steps: usize) -> anyhow::Result<Group> {
+    let g = match (ctx.group, params.group) {
+        (Some(g), None) | (None, Some(g)) => g,
+        (Some(_), Some(_)) => bail!(
+            "stage `{}` has both `for_each: group` and `group:`; `group:` is for a single-group \
+             stage",
+            ctx.id
+        ),
+        (None, None) => bail!(
+            "stage `{}` prunes for one group; give it `for_each: group`, or `group: <index>`",
+            ctx.id
+        ),
+    };
     let path = ctx
         .inputs
         .iter()
@@ -106,9 +117,24 @@ fn group_of(ctx: &StageContext, steps: usize) -> anyhow::Result<Group> {
     alloc.groups.get(g).cloned().with_context(|| format!("the allocation has no group {g}"))
 }
 
-/// The upstream checkpoint to prune.
-fn base_checkpoint(ctx: &StageContext, init: InitFrom) -> anyhow::Result<Checkpoint> {
-    let ups: Vec<_> = ctx.inputs.iter().filter(|u| u.files.contains_key(MODEL_FILE)).collect();
+/// Whether upstream instance `id` is (an instance of) stage `stage`: `stage` or `stage[g]`.
+fn is_instance_of(id: &str, stage: &str) -> bool {
+    id == stage || id.strip_prefix(stage).is_some_and(|rest| rest.starts_with('['))
+}
+
+/// The upstream checkpoint to prune: the one upstream with a model that is not the `seed_bank`
+/// stage's (a `prune` instance outputs a model too).
+fn base_checkpoint(
+    ctx: &StageContext,
+    init: InitFrom,
+    seed_stage: Option<&str>,
+) -> anyhow::Result<Checkpoint> {
+    let ups: Vec<_> = ctx
+        .inputs
+        .iter()
+        .filter(|u| u.files.contains_key(MODEL_FILE))
+        .filter(|u| seed_stage.is_none_or(|s| !is_instance_of(&u.id, s)))
+        .collect();
     let [u] = ups.as_slice() else {
         bail!("stage `{}` needs exactly one upstream checkpoint, found {}", ctx.id, ups.len());
     };
@@ -120,6 +146,47 @@ fn base_checkpoint(ctx: &StageContext, init: InitFrom) -> anyhow::Result<Checkpo
         .with_context(|| format!("loading `{file}` of upstream `{}`", u.id))
 }
 
+/// The memory bank `seed_bank` names, from the upstream instances (see
+/// [`PruneParams::seed_bank`]).
+fn seed_bank(ctx: &StageContext, r: &SeedRef) -> anyhow::Result<BankFile> {
+    let of_stage: Vec<_> = ctx.inputs.iter().filter(|u| is_instance_of(&u.id, &r.stage)).collect();
+    let ids = || of_stage.iter().map(|u| format!("`{}`", u.id)).collect::<Vec<_>>().join(", ");
+    let u = match (&r.instance(), of_stage.as_slice()) {
+        (_, []) => bail!(
+            "`seed_bank: {r}`: stage `{}` is not upstream of `{}`\nhint: add it to `needs`",
+            r.stage,
+            ctx.id
+        ),
+        (None, [u]) => *u,
+        (None, _) => bail!(
+            "`seed_bank: {r}`: `{}` receives several instances of `{}` ({}); name one, e.g. \
+             `{}`",
+            ctx.id,
+            r.stage,
+            ids(),
+            of_stage[0].id
+        ),
+        (Some(id), _) => *of_stage.iter().find(|u| &u.id == id).with_context(|| {
+            format!(
+                "`seed_bank: {r}`: `{}` receives {} of `{}`, not `{id}` (a `for_each: group` \
+                 stage receives only its own group's instance of a fanned-out stage)\nhint: seed \
+                 from a single-group `prune` stage (`group: <index>`)",
+                ctx.id,
+                ids(),
+                r.stage
+            )
+        })?,
+    };
+    let path = u.files.get(BANK_FILE).with_context(|| {
+        format!(
+            "`seed_bank: {r}`: upstream `{}` (`{}`) has no memory bank (`{BANK_FILE}`); seed \
+             from a `prune` stage",
+            u.id, u.kind
+        )
+    })?;
+    BankFile::read(path)
+}
+
 /// Runs the stage.
 pub fn run(
     ctx: &StageContext,
@@ -127,8 +194,11 @@ pub fn run(
     inputs: &PruneInputs<'_>,
 ) -> anyhow::Result<()> {
     let device = parse_device(&ctx.device)?;
-    let group = group_of(ctx, inputs.diffusion.steps)?;
-    let base = base_checkpoint(ctx, params.init)?;
+    let group = group_of(ctx, params, inputs.diffusion.steps)?;
+    let seed_ref =
+        params.seed_bank.as_deref().map(SeedRef::parse).transpose().map_err(anyhow::Error::msg)?;
+    let seed = seed_ref.as_ref().map(|r| seed_bank(ctx, r)).transpose()?;
+    let base = base_checkpoint(ctx, params.init, seed_ref.as_ref().map(|r| r.stage.as_str()))?;
     let structure = Structure::new(&base.arch);
     let base_cost = cost(&base.arch);
     let bound = (group.flops_bound * base_cost.macs as f64).floor() as u64;
@@ -162,6 +232,7 @@ pub fn run(
         batch: &batch,
         group: &group,
         bound,
+        seed: seed.as_ref(),
     };
     let (plan, scores) = match &params.proxy {
         ProxyParams::Random(_) => {
@@ -199,6 +270,20 @@ pub fn run(
     pruned.state.insert("pruned_proxy".into(), params.proxy.kind().into());
     let pruned_cost = cost(&pruned.arch);
     anyhow::ensure!(pruned_cost.macs <= bound, "internal error: the pruned model is over budget");
+    let loss_after = importance::loss(&pruned, &diffusion, &batch)?;
+    if !matches!(params.proxy, ProxyParams::Search(_) | ProxyParams::Llm(_)) {
+        // The importance proxies' bank, in the loops' format: one round, one candidate, the
+        // proxy's plan and its loss.
+        let entry = BankEntry {
+            round: 1,
+            plan: plan.clone(),
+            macs: pruned_cost.macs,
+            loss: loss_after,
+            seeded: None,
+        };
+        let bank = Bank { rounds: 1, entries: vec![entry] };
+        search::finish(&bank, group.index, &ctx.out_dir.join(BANK_FILE))?;
+    }
     let report = PruneReport {
         group: group.index,
         proxy: params.proxy.kind().into(),
@@ -210,7 +295,7 @@ pub fn run(
         macs_ratio: pruned_cost.macs as f64 / base_cost.macs as f64,
         params_ratio: pruned_cost.params as f64 / base_cost.params as f64,
         loss_before: importance::loss(&base, &diffusion, &batch)?,
-        loss_after: importance::loss(&pruned, &diffusion, &batch)?,
+        loss_after,
         timesteps_used,
         units: structure
             .units()
