@@ -303,13 +303,14 @@ fn prune_refs(cx: &mut Cx, body: &Node, prefix: &str, p: &PruneParams) -> bool {
             );
             ok = false;
         }
-        (false, None, _) => {
+        (false, None, _) if p.budget.is_none() => {
             let pos = key_pos("kind").unwrap_or(body.pos);
             cx.push_at(
                 pos,
                 prefix,
                 "a `prune` stage prunes for one group: give it `for_each: group`, or \
-                 `group: <index>` for a single group",
+                 `group: <index>` for a single group, or a `budget` (a fraction of the base \
+                 MACs) for one model over all timesteps",
             );
             ok = false;
         }

@@ -308,6 +308,46 @@ fn the_stage_prunes_each_group_within_budget_with_every_importance_proxy_and_wri
     }
 }
 
+#[test]
+fn a_budget_prunes_one_model_for_every_timestep_without_an_allocation() {
+    let root = tempfile::tempdir().unwrap();
+    // Only the base checkpoint upstream: no allocation, no group.
+    let ups: Vec<UpstreamOutputs> =
+        upstream(root.path()).into_iter().filter(|u| u.kind != "snr-allocate").collect();
+    let mut c = ctx(root.path(), "table4", "t4", 0, ups.clone());
+    c.group = None;
+    let mut p = params(serde_json::json!({ "kind": "magnitude" }));
+    p.budget = Some(0.6);
+    let r = run_stage(&c, &p);
+    let base_macs = cost(&UNetArch::from_config(&model(64)).unwrap()).macs;
+    assert_eq!(r["bound_ratio"].as_f64().unwrap(), 0.6);
+    assert_eq!(r["bound_macs"].as_u64().unwrap(), (0.6 * base_macs as f64).floor() as u64);
+    let macs = r["pruned"]["macs"].as_u64().unwrap();
+    assert!(
+        macs <= r["bound_macs"].as_u64().unwrap() && r["ratio_to_budget"].as_f64().unwrap() > 0.8,
+        "{r}"
+    );
+    // Without a budget the same stage has no group to prune for: a clear error.
+    p.budget = None;
+    let data = data();
+    let d = diffusion();
+    let inputs = PruneInputs { data: &data, diffusion: &d, manifest_dir: Path::new(".") };
+    let err = prune::run(&c, &p, &inputs).unwrap_err().to_string();
+    assert!(err.contains("or a `budget` for one model over all timesteps"), "{err}");
+    // With a group, the budget replaces the group's bound.
+    let mut p = params(serde_json::json!({ "kind": "magnitude" }));
+    p.budget = Some(0.45);
+    let c = ctx(root.path(), "g1", "g1", 1, upstream(root.path()));
+    let r = run_stage(&c, &p);
+    assert_eq!(r["bound_ratio"].as_f64().unwrap(), 0.45);
+    // Out of range budgets are rejected by validation.
+    for bad in [0.0, 1.5, f64::NAN] {
+        p.budget = Some(bad);
+        let errs = p.validate();
+        assert!(errs.iter().any(|e| e.path == ["budget"]), "{bad}: {errs:?}");
+    }
+}
+
 fn bank(dir: &Path) -> Bank {
     let v: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.join("bank.json")).unwrap()).unwrap();

@@ -301,7 +301,8 @@ fn bad_seed_banks_and_groups_are_reported_with_positions() {
     let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("m.yaml:")).collect();
     let expected = [
         "m.yaml:15:5: `stages.seed`: a `prune` stage prunes for one group: give it `for_each: \
-         group`, or `group: <index>` for a single group",
+         group`, or `group: <index>` for a single group, or a `budget` (a fraction of the base \
+         MACs) for one model over all timesteps",
         "m.yaml:22:5: `stages.prune.group`: `group` is the one group of a stage without \
          `for_each: group`; remove one of the two",
         "m.yaml:23:5: `stages.prune.seed_bank`: stage `seed` is not among the stages this one \

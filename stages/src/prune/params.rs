@@ -39,6 +39,12 @@ pub struct PruneParams {
     /// cache key (through the seeding instance's key) and the bank side store's digest.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub seed_bank: Option<String>,
+    /// Prune to this fraction of the base model's MACs, in (0, 1], instead of the group's
+    /// `flops_bound`. A stage with a `budget` and neither `for_each: group` nor `group:` prunes
+    /// one model for every timestep (its losses are measured over all timesteps) and needs no
+    /// allocation: the paper's Table 4 setting (one pruned model, fine-tuned on all timesteps).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub budget: Option<f64>,
 }
 
 impl Default for PruneParams {
@@ -49,6 +55,7 @@ impl Default for PruneParams {
             init: InitFrom::Ema,
             group: None,
             seed_bank: None,
+            budget: None,
         }
     }
 }
@@ -250,6 +257,11 @@ impl PruneParams {
         let mut e = Vec::new();
         if self.batch_size == 0 {
             e.push(FieldError::at("batch_size", "must be at least 1, got 0"));
+        }
+        if let Some(b) = self.budget
+            && !(b > 0.0 && b <= 1.0)
+        {
+            e.push(FieldError::at("budget", format!("must be in (0, 1], got {b}")));
         }
         if let Some(seed) = &self.seed_bank {
             if let Err(m) = SeedRef::parse(seed) {

@@ -14,6 +14,7 @@ use crate::context::StageContext;
 use crate::cost::{Cost, cost};
 use crate::data::{DataConfig, sample_indices};
 use crate::diffusion::GaussianDiffusion;
+use crate::schedule::ScheduleTable;
 use crate::train::{EMA_FILE, InitFrom, MODEL_FILE, parse_device};
 
 use super::budget::{ScorePriority, fit};
@@ -90,16 +91,23 @@ pub(crate) fn sub_seed(seed: u64, group: usize, purpose: u64) -> u64 {
 
 /// The group this instance prunes for (its `for_each: group` index, or `group:`), from the
 /// upstream allocation.
-fn group_of(ctx: &StageContext, params: &PruneParams, steps: usize) -> anyhow::Result<Group> {
-    let g = match (ctx.group, params.group) {
-        (Some(g), None) | (None, Some(g)) => g,
-        (Some(_), Some(_)) => bail!(
+fn group_of(
+    ctx: &StageContext,
+    params: &PruneParams,
+    diffusion: &DiffusionConfig,
+) -> anyhow::Result<Group> {
+    let steps = diffusion.steps;
+    let g = match (ctx.group, params.group, params.budget) {
+        (None, None, Some(budget)) => return Ok(all_timesteps(diffusion, budget)),
+        (Some(g), None, _) | (None, Some(g), _) => g,
+        (Some(_), Some(_), _) => bail!(
             "stage `{}` has both `for_each: group` and `group:`; `group:` is for a single-group \
              stage",
             ctx.id
         ),
-        (None, None) => bail!(
-            "stage `{}` prunes for one group; give it `for_each: group`, or `group: <index>`",
+        (None, None, None) => bail!(
+            "stage `{}` prunes for one group; give it `for_each: group`, or `group: <index>`, \
+             or a `budget` for one model over all timesteps",
             ctx.id
         ),
     };
@@ -114,7 +122,28 @@ fn group_of(ctx: &StageContext, params: &PruneParams, steps: usize) -> anyhow::R
         "the allocation covers {} timesteps but `diffusion.steps` is {steps}",
         alloc.steps
     );
-    alloc.groups.get(g).cloned().with_context(|| format!("the allocation has no group {g}"))
+    let mut group =
+        alloc.groups.get(g).cloned().with_context(|| format!("the allocation has no group {g}"))?;
+    if let Some(budget) = params.budget {
+        group.flops_bound = budget;
+    }
+    Ok(group)
+}
+
+/// One "group" of every timestep with bound `budget`, for a stage pruning a single model.
+fn all_timesteps(diffusion: &DiffusionConfig, budget: f64) -> Group {
+    let snr = ScheduleTable::new(diffusion.schedule, diffusion.steps).snr_db();
+    let finite = || snr.iter().copied().filter(|v| v.is_finite());
+    Group {
+        index: 0,
+        lower_bound: budget,
+        flops_bound: budget,
+        t_min: 0,
+        t_max: diffusion.steps - 1,
+        snr_db_min: finite().fold(f64::INFINITY, f64::min),
+        snr_db_max: finite().fold(f64::NEG_INFINITY, f64::max),
+        timesteps: (0..diffusion.steps).collect(),
+    }
 }
 
 /// Whether upstream instance `id` is (an instance of) stage `stage`: `stage` or `stage[g]`.
@@ -194,7 +223,7 @@ pub fn run(
     inputs: &PruneInputs<'_>,
 ) -> anyhow::Result<()> {
     let device = parse_device(&ctx.device)?;
-    let group = group_of(ctx, params, inputs.diffusion.steps)?;
+    let group = group_of(ctx, params, inputs.diffusion)?;
     let seed_ref =
         params.seed_bank.as_deref().map(SeedRef::parse).transpose().map_err(anyhow::Error::msg)?;
     let seed = seed_ref.as_ref().map(|r| seed_bank(ctx, r)).transpose()?;
