@@ -274,8 +274,15 @@ fn real_main(cli: Cli) -> anyhow::Result<u8> {
             });
             // libtorch's intra-op threads: share the cores between concurrently running stages
             // (oversubscribed OpenMP threads spin and slow everything down).
+            // `PROGDIFF_THREADS` overrides, e.g. for several progdiff processes on one machine.
             let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-            tch::set_num_threads((cores / (*jobs).max(1)).max(1) as i32);
+            let threads = match std::env::var("PROGDIFF_THREADS") {
+                Ok(v) => v.trim().parse::<usize>().ok().filter(|n| *n > 0).with_context(|| {
+                    format!("PROGDIFF_THREADS must be a positive integer, got `{v}`")
+                })?,
+                Err(_) => (cores / (*jobs).max(1)).max(1),
+            };
+            tch::set_num_threads(threads as i32);
             let opts = RunOptions {
                 jobs: *jobs,
                 devices: devices.clone(),

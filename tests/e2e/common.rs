@@ -38,6 +38,9 @@ impl Project {
         c.args(args)
             .current_dir(self.path())
             .env("PROGDIFF_CACHE_DIR", self.cache())
+            // The test runner runs tests side by side: one libtorch thread per progdiff keeps
+            // OpenMP threads from spinning against each other (a tenfold slowdown).
+            .env("PROGDIFF_THREADS", "1")
             .env_remove("PROGDIFF_LOG");
         c
     }
