@@ -173,6 +173,8 @@ impl StageParams {
                 // The models' architectures come with their checkpoints (upstream keys); the
                 // sampling process is the manifest's.
                 flatten(stage, &to_value(p), &mut out);
+                // The row name changes no measurement: renaming a row must not re-sample.
+                out.remove(&format!("{stage}.label"));
                 out.insert("seed".into(), to_value(m.seed));
                 flatten("diffusion", &to_value(&m.diffusion), &mut out);
             }

@@ -565,6 +565,9 @@ fn print_plan(out: &mut impl Write, p: &Plan) -> anyhow::Result<()> {
 }
 
 fn human_duration(s: f64) -> String {
+    if s < 1.0 {
+        return "under 1s".into();
+    }
     let s = s.round() as u64;
     match s {
         0..60 => format!("{s}s"),

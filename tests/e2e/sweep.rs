@@ -92,6 +92,13 @@ fn a_sweep_over_five_group_counts_trains_the_base_model_once() {
     // Training steps count the base and the variant's fine-tunings.
     assert_eq!(rows[0]["training_steps"], 6);
     assert_eq!(rows[5]["training_steps"], 6 + 5 * 2);
+    // Renaming a row changes no measurement: nothing re-runs, the report shows the new name.
+    p.write("groups.yaml", &GROUPS.replace("label: ours", "label: step-adaptive"));
+    let out = p.run(&["plan", "groups.yaml"]);
+    assert!(stdout(&out).contains("27 stage instances, 27 cached, 0 to run"), "{}", stdout(&out));
+    let md = stdout(&p.run(&["report", "groups.yaml"]));
+    assert!(md.lines().any(|l| l.starts_with("| step-adaptive | groups=3 | eval |")), "{md}");
+    p.write("groups.yaml", GROUPS);
     let md = stdout(&p.run(&["report", "groups.yaml"]));
     assert!(md.lines().any(|l| l.starts_with("| baseline | (all) | eval_base |")), "{md}");
     assert!(md.lines().any(|l| l.starts_with("| ours | groups=3 | eval |")), "{md}");

@@ -105,7 +105,9 @@ impl EvaluateParams {
         e
     }
 
-    /// The label (everything but the row name is in the key; the label is too, as a param).
+    /// The row name. It is not part of the stage's key (renaming a row re-uses the samples), so
+    /// the `label` in a cached `metrics.json` is the one of the run that made it; reports take
+    /// the manifest's.
     pub fn label_or<'a>(&'a self, id: &'a str) -> &'a str {
         self.label.as_deref().unwrap_or(id)
     }
