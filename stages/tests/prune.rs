@@ -2,15 +2,14 @@
 //! counted MACs equal the analytic count, every proxy fits budgets from 0.3 to 1.0 tightly, and
 //! the `prune` stage (including the `search` proxy's cached memory bank).
 
+mod prune_fixture;
+
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use progdiff_stages::allocate::{self, AllocateParams};
 use progdiff_stages::checkpoint::Checkpoint;
-use progdiff_stages::config::{DiffusionConfig, ModelConfig};
-use progdiff_stages::context::{CancelToken, StageContext, UpstreamOutputs};
+use progdiff_stages::context::{StageContext, UpstreamOutputs};
 use progdiff_stages::cost::cost;
-use progdiff_stages::data::DataConfig;
 use progdiff_stages::diffusion::GaussianDiffusion;
 use progdiff_stages::prune::budget::{
     ScorePriority, ShapePriority, fit, is_tight, macs_of, plan_of,
@@ -18,54 +17,13 @@ use progdiff_stages::prune::budget::{
 use progdiff_stages::prune::importance::{self, LossBatch};
 use progdiff_stages::prune::search::{Bank, BankEntry, BankFile};
 use progdiff_stages::prune::{self, Plan, PruneInputs, PruneParams, Structure};
-use progdiff_stages::schedule::NoiseSchedule;
-use progdiff_stages::unet::{UNet, UNetArch};
+use progdiff_stages::unet::UNetArch;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
-fn model(channels: usize) -> ModelConfig {
-    ModelConfig {
-        image_size: 8,
-        in_channels: 1,
-        channels,
-        channel_mult: vec![1, 2],
-        res_blocks: 1,
-        attention_resolutions: vec![4],
-        heads: 2,
-        dropout: 0.0,
-        learn_sigma: true,
-        use_scale_shift_norm: true,
-    }
-}
-
-fn diffusion() -> DiffusionConfig {
-    DiffusionConfig { steps: 40, schedule: NoiseSchedule::Cosine, ..DiffusionConfig::default() }
-}
-
-fn data() -> DataConfig {
-    serde_json::from_value(serde_json::json!({
-        "kind": "synthetic", "n": 32, "image_size": 8, "channels": "gray", "seed": 3
-    }))
-    .unwrap()
-}
-
-/// A checkpoint with every weight random (the zero-initialised layers too, so every channel
-/// matters).
-fn random_checkpoint(config: &ModelConfig, seed: i64) -> Checkpoint {
-    tch::set_num_threads(1);
-    tch::manual_seed(seed);
-    let arch = UNetArch::from_config(config).unwrap();
-    let vs = VarStore::new(Device::Cpu);
-    let _net = UNet::new(&vs.root(), &arch).unwrap();
-    tch::no_grad(|| {
-        for (_, mut v) in vs.variables() {
-            v.copy_(&(Tensor::randn(v.size(), (Kind::Float, Device::Cpu)) * 0.2));
-        }
-    });
-    Checkpoint::from_var_store(&arch, &vs, BTreeMap::new()).unwrap()
-}
+use prune_fixture::*;
 
 fn forward(ckpt: &Checkpoint, x: &Tensor, t: &Tensor) -> (Tensor, u64) {
     let vs = VarStore::new(Device::Cpu);
@@ -198,71 +156,8 @@ fn every_importance_proxy_fits_budgets_from_0_3_to_1_tightly() {
     assert!(err.contains("below the smallest model the pruning units allow"), "{err}");
 }
 
-fn ctx(
-    root: &Path,
-    name: &str,
-    work_key: &str,
-    group: usize,
-    inputs: Vec<UpstreamOutputs>,
-) -> StageContext {
-    let out = root.join("out").join(name);
-    let work = root.join("cache/v1/work").join(work_key);
-    std::fs::create_dir_all(&out).unwrap();
-    std::fs::create_dir_all(&work).unwrap();
-    StageContext {
-        id: name.to_string(),
-        group: Some(group),
-        device: "cpu".into(),
-        seed: 5,
-        inputs,
-        out_dir: out,
-        work_dir: work,
-        cancel: CancelToken::new(),
-        progress: false,
-    }
-}
-
-/// Base checkpoint and allocation as upstream outputs.
-fn upstream(root: &Path) -> Vec<UpstreamOutputs> {
-    let dir = root.join("base");
-    std::fs::create_dir_all(&dir).unwrap();
-    let base = random_checkpoint(&model(64), 6);
-    base.save(&dir.join("model.safetensors")).unwrap();
-    let mut actx = ctx(root, "allocate", "alloc", 0, Vec::new());
-    actx.group = None;
-    let ap: AllocateParams =
-        serde_json::from_value(serde_json::json!({ "groups": 2, "k": 0.5 })).unwrap();
-    allocate::run(&actx, &ap, &diffusion()).unwrap();
-    vec![
-        UpstreamOutputs {
-            id: "base".into(),
-            kind: "train".into(),
-            group: None,
-            files: BTreeMap::from([("model.safetensors".into(), dir.join("model.safetensors"))]),
-        },
-        UpstreamOutputs {
-            id: "allocate".into(),
-            kind: "snr-allocate".into(),
-            group: None,
-            files: BTreeMap::from([(
-                "allocation.json".into(),
-                actx.out_dir.join("allocation.json"),
-            )]),
-        },
-    ]
-}
-
 fn params(proxy: serde_json::Value) -> PruneParams {
     serde_json::from_value(serde_json::json!({ "proxy": proxy, "batch_size": 4 })).unwrap()
-}
-
-fn run_stage(c: &StageContext, p: &PruneParams) -> serde_json::Value {
-    tch::set_num_threads(1);
-    let data = data();
-    let d = diffusion();
-    let inputs = PruneInputs { data: &data, diffusion: &d, manifest_dir: Path::new(".") };
-    prune::run(c, p, &inputs).unwrap();
-    serde_json::from_slice(&std::fs::read(c.out_dir.join("report.json")).unwrap()).unwrap()
 }
 
 #[test]
@@ -329,10 +224,7 @@ fn a_budget_prunes_one_model_for_every_timestep_without_an_allocation() {
     );
     // Without a budget the same stage has no group to prune for: a clear error.
     p.budget = None;
-    let data = data();
-    let d = diffusion();
-    let inputs = PruneInputs { data: &data, diffusion: &d, manifest_dir: Path::new(".") };
-    let err = prune::run(&c, &p, &inputs).unwrap_err().to_string();
+    let err = try_run(&c, &p).unwrap_err().to_string();
     assert!(err.contains("or a `budget` for one model over all timesteps"), "{err}");
     // With a group, the budget replaces the group's bound.
     let mut p = params(serde_json::json!({ "kind": "magnitude" }));
@@ -345,15 +237,6 @@ fn a_budget_prunes_one_model_for_every_timestep_without_an_allocation() {
         p.budget = Some(bad);
         let errs = p.validate();
         assert!(errs.iter().any(|e| e.path == ["budget"]), "{bad}: {errs:?}");
-    }
-}
-
-fn bank(dir: &Path) -> Bank {
-    let v: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(dir.join("bank.json")).unwrap()).unwrap();
-    Bank {
-        rounds: v["rounds"].as_u64().unwrap() as usize,
-        entries: serde_json::from_value(v["entries"].clone()).unwrap(),
     }
 }
 

@@ -4,25 +4,20 @@
 
 #[path = "../../tests/support/chat_server.rs"]
 mod chat_server;
+mod prune_fixture;
 
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
-use progdiff_stages::allocate::{self, AllocateParams};
-use progdiff_stages::checkpoint::Checkpoint;
-use progdiff_stages::config::{DiffusionConfig, ModelConfig};
-use progdiff_stages::context::{CancelToken, StageContext, UpstreamOutputs};
-use progdiff_stages::data::DataConfig;
-use progdiff_stages::prune::search::{Bank, BankFile};
-use progdiff_stages::prune::{self, Plan, PruneInputs, PruneParams, Structure};
-use progdiff_stages::schedule::NoiseSchedule;
-use progdiff_stages::unet::{UNet, UNetArch};
+use progdiff_stages::context::UpstreamOutputs;
+use progdiff_stages::prune::search::BankFile;
+use progdiff_stages::prune::{Plan, PruneParams, Structure};
+use progdiff_stages::unet::UNetArch;
 use serde_json::{Value, json};
 
 use chat_server::{Answer, Request, Server, chat};
-use tch::nn::VarStore;
-use tch::{Device, Kind, Tensor};
+use prune_fixture::*;
 
 const KEY_ENV: &str = "PROGDIFF_TEST_PRUNE_LLM_KEY";
 const KEY: &str = "sk-test-3f9a71c2e8b4-do-not-store";
@@ -40,102 +35,6 @@ fn plans_answer(plans: &[Plan]) -> String {
     json!({ "plans": plans }).to_string()
 }
 
-fn model(channels: usize) -> ModelConfig {
-    ModelConfig {
-        image_size: 8,
-        in_channels: 1,
-        channels,
-        channel_mult: vec![1, 2],
-        res_blocks: 1,
-        attention_resolutions: vec![4],
-        heads: 2,
-        dropout: 0.0,
-        learn_sigma: true,
-        use_scale_shift_norm: true,
-    }
-}
-
-fn diffusion() -> DiffusionConfig {
-    DiffusionConfig { steps: 40, schedule: NoiseSchedule::Cosine, ..DiffusionConfig::default() }
-}
-
-fn data() -> DataConfig {
-    serde_json::from_value(serde_json::json!({
-        "kind": "synthetic", "n": 32, "image_size": 8, "channels": "gray", "seed": 3
-    }))
-    .unwrap()
-}
-
-/// A checkpoint with every weight random (the zero-initialised layers too, so every channel
-/// matters).
-fn random_checkpoint(config: &ModelConfig, seed: i64) -> Checkpoint {
-    tch::set_num_threads(1);
-    tch::manual_seed(seed);
-    let arch = UNetArch::from_config(config).unwrap();
-    let vs = VarStore::new(Device::Cpu);
-    let _net = UNet::new(&vs.root(), &arch).unwrap();
-    tch::no_grad(|| {
-        for (_, mut v) in vs.variables() {
-            v.copy_(&(Tensor::randn(v.size(), (Kind::Float, Device::Cpu)) * 0.2));
-        }
-    });
-    Checkpoint::from_var_store(&arch, &vs, BTreeMap::new()).unwrap()
-}
-
-fn ctx(
-    root: &Path,
-    name: &str,
-    work_key: &str,
-    group: usize,
-    inputs: Vec<UpstreamOutputs>,
-) -> StageContext {
-    let out = root.join("out").join(name);
-    let work = root.join("cache/v1/work").join(work_key);
-    std::fs::create_dir_all(&out).unwrap();
-    std::fs::create_dir_all(&work).unwrap();
-    StageContext {
-        id: name.to_string(),
-        group: Some(group),
-        device: "cpu".into(),
-        seed: 5,
-        inputs,
-        out_dir: out,
-        work_dir: work,
-        cancel: CancelToken::new(),
-        progress: false,
-    }
-}
-
-/// Base checkpoint and allocation as upstream outputs.
-fn upstream(root: &Path) -> Vec<UpstreamOutputs> {
-    let dir = root.join("base");
-    std::fs::create_dir_all(&dir).unwrap();
-    let base = random_checkpoint(&model(64), 6);
-    base.save(&dir.join("model.safetensors")).unwrap();
-    let mut actx = ctx(root, "allocate", "alloc", 0, Vec::new());
-    actx.group = None;
-    let ap: AllocateParams =
-        serde_json::from_value(serde_json::json!({ "groups": 2, "k": 0.5 })).unwrap();
-    allocate::run(&actx, &ap, &diffusion()).unwrap();
-    vec![
-        UpstreamOutputs {
-            id: "base".into(),
-            kind: "train".into(),
-            group: None,
-            files: BTreeMap::from([("model.safetensors".into(), dir.join("model.safetensors"))]),
-        },
-        UpstreamOutputs {
-            id: "allocate".into(),
-            kind: "snr-allocate".into(),
-            group: None,
-            files: BTreeMap::from([(
-                "allocation.json".into(),
-                actx.out_dir.join("allocation.json"),
-            )]),
-        },
-    ]
-}
-
 fn llm_params(server: &Server, rounds: usize, max_retries: usize) -> PruneParams {
     serde_json::from_value(json!({
         "proxy": {
@@ -146,23 +45,6 @@ fn llm_params(server: &Server, rounds: usize, max_retries: usize) -> PruneParams
         "batch_size": 4
     }))
     .unwrap()
-}
-
-fn try_run(c: &StageContext, p: &PruneParams) -> anyhow::Result<Value> {
-    tch::set_num_threads(1);
-    let data = data();
-    let d = diffusion();
-    let inputs = PruneInputs { data: &data, diffusion: &d, manifest_dir: Path::new(".") };
-    prune::run(c, p, &inputs)?;
-    Ok(serde_json::from_slice(&std::fs::read(c.out_dir.join("report.json"))?)?)
-}
-
-fn bank(dir: &Path) -> Bank {
-    let v: Value = serde_json::from_slice(&std::fs::read(dir.join("bank.json")).unwrap()).unwrap();
-    Bank {
-        rounds: v["rounds"].as_u64().unwrap() as usize,
-        entries: serde_json::from_value(v["entries"].clone()).unwrap(),
-    }
 }
 
 fn body(r: &Request) -> Value {
