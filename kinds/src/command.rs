@@ -20,14 +20,16 @@ use std::collections::BTreeMap;
 use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::process::CommandExt as _;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::config::DiffusionConfig;
 use crate::context::{FieldError, StageContext};
+use crate::kind::{Locations, Sections, StageKind};
 
 /// Stage kind name.
 pub const KIND: &str = "command";
@@ -87,15 +89,48 @@ pub fn env_name(s: &str) -> String {
     out
 }
 
+/// What a `command` stage reads.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CommandInputs {
+    /// Its parameters.
+    pub stage: CommandParams,
+    /// `seed:` (`PROGDIFF_SEED`).
+    pub seed: u64,
+    /// The manifest's directory (the command's working directory) and its input files.
+    pub at: Locations,
+}
+
+/// The `command` kind.
+pub struct Command;
+
+impl StageKind for Command {
+    const KIND: &'static str = KIND;
+    const VERSION: u32 = VERSION;
+    const NOT_READ: &'static [&'static str] = &["data", "model", "diffusion"];
+    type Params = CommandParams;
+    type Inputs = CommandInputs;
+
+    fn validate(params: &CommandParams, _: Option<&DiffusionConfig>) -> Vec<FieldError> {
+        params.validate()
+    }
+
+    fn inputs(params: &CommandParams, m: &Sections<'_>) -> CommandInputs {
+        let mut at = m.locations();
+        at.files = params.inputs.iter().map(|i| (i.clone(), m.resolve(i))).collect();
+        CommandInputs { stage: params.clone(), seed: m.seed, at }
+    }
+}
+
 /// Runs the command; returns when it exits or `ctx.cancel` fires (then the child is killed).
-pub fn run(ctx: &StageContext, params: &CommandParams, manifest_dir: &Path) -> anyhow::Result<()> {
+pub fn run(ctx: &StageContext, inputs: &CommandInputs) -> anyhow::Result<()> {
+    let params = &inputs.stage;
     let log_path = ctx.out_dir.join(LOG_FILE);
     let log = std::fs::File::create(&log_path)
         .with_context(|| format!("creating `{}`", log_path.display()))?;
-    let mut cmd = Command::new("sh");
+    let mut cmd = std::process::Command::new("sh");
     cmd.arg("-c")
         .arg(&params.run)
-        .current_dir(manifest_dir)
+        .current_dir(&inputs.at.dir)
         .stdin(Stdio::null())
         // Its own process group, so an interruption stops everything the command started.
         .process_group(0)
@@ -104,7 +139,7 @@ pub fn run(ctx: &StageContext, params: &CommandParams, manifest_dir: &Path) -> a
         .env("PROGDIFF_OUT", &ctx.out_dir)
         .env("PROGDIFF_WORK", &ctx.work_dir)
         .env("PROGDIFF_STAGE", &ctx.id)
-        .env("PROGDIFF_SEED", ctx.seed.to_string())
+        .env("PROGDIFF_SEED", inputs.seed.to_string())
         .env("PROGDIFF_DEVICE", &ctx.device);
     if let Some(g) = ctx.group {
         cmd.env("PROGDIFF_GROUP", g.to_string());
@@ -127,8 +162,8 @@ pub fn run(ctx: &StageContext, params: &CommandParams, manifest_dir: &Path) -> a
             break status;
         }
         if ctx.cancel.is_cancelled() {
-            let _ =
-                Command::new("kill").args(["-KILL", "--", &format!("-{}", child.id())]).status();
+            let _ = std::process::Command::new("kill")
+                .args(["-KILL", "--", &format!("-{}", child.id())]).status();
             let _ = child.kill();
             let _ = child.wait();
             anyhow::bail!("interrupted");
@@ -162,27 +197,25 @@ fn tail(path: &Path, max: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::context::{CancelToken, UpstreamOutputs};
+    use crate::context::UpstreamOutputs;
+
+    fn inputs(dir: &Path, stage: CommandParams) -> CommandInputs {
+        let at = Locations { dir: dir.to_path_buf(), ..Locations::default() };
+        CommandInputs { stage, seed: 7, at }
+    }
 
     fn ctx(dir: &Path) -> StageContext {
         let out = dir.join("out");
         std::fs::create_dir_all(&out).unwrap();
-        StageContext {
-            id: "eval[2]".into(),
+        let mut c = StageContext::new("eval[2]", out, dir.join("work"));
+        c.group = Some(2);
+        c.inputs = vec![UpstreamOutputs {
+            id: "prune[2]".into(),
+            kind: "prune".into(),
             group: Some(2),
-            device: "cpu".into(),
-            seed: 7,
-            inputs: vec![UpstreamOutputs {
-                id: "prune[2]".into(),
-                kind: "prune".into(),
-                group: Some(2),
-                files: [("model.safetensors".to_string(), dir.join("m"))].into(),
-            }],
-            out_dir: out,
-            work_dir: dir.join("work"),
-            cancel: CancelToken::new(),
-            progress: false,
-        }
+            files: [("model.safetensors".to_string(), dir.join("m"))].into(),
+        }];
+        c
     }
 
     #[test]
@@ -195,7 +228,7 @@ mod tests {
             env: [("X".to_string(), "y".to_string())].into(),
             ..Default::default()
         };
-        run(&c, &p, dir.path()).unwrap();
+        run(&c, &inputs(dir.path(), p.clone())).unwrap();
         let got = std::fs::read_to_string(c.out_dir.join("r.txt")).unwrap();
         assert_eq!(got.trim(), format!("eval[2] 2 7 {} y", dir.path().join("m").display()));
     }
@@ -205,11 +238,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let c = ctx(dir.path());
         let p = CommandParams { run: "echo boom >&2; exit 3".into(), ..Default::default() };
-        let e = run(&c, &p, dir.path()).unwrap_err().to_string();
+        let e = run(&c, &inputs(dir.path(), p.clone())).unwrap_err().to_string();
         assert!(e.contains("boom") && e.contains("exit status: 3"), "{e}");
         let p =
             CommandParams { run: "true".into(), outputs: vec!["x".into()], ..Default::default() };
-        let e = run(&c, &p, dir.path()).unwrap_err().to_string();
+        let e = run(&c, &inputs(dir.path(), p.clone())).unwrap_err().to_string();
         assert!(e.contains("declared output `x`"), "{e}");
     }
 
@@ -224,7 +257,7 @@ mod tests {
         });
         let t = std::time::Instant::now();
         let p = CommandParams { run: "sleep 30".into(), ..Default::default() };
-        assert!(run(&c, &p, dir.path()).is_err());
+        assert!(run(&c, &inputs(dir.path(), p.clone())).is_err());
         assert!(t.elapsed() < Duration::from_secs(10));
     }
 }

@@ -69,8 +69,11 @@ pub use compute::allocate;
 pub use params::{AllocateParams, ClippedSteps, FlopsSchedule};
 pub use plot::plot_png;
 
+use serde::{Deserialize, Serialize};
+
 use crate::config::DiffusionConfig;
 use crate::context::{FieldError, StageContext};
+use crate::kind::{Sections, StageKind};
 use crate::schedule::NoiseSchedule;
 
 /// The stage kind in manifests.
@@ -166,15 +169,61 @@ fn describe(errors: &[FieldError]) -> String {
     parts.join("; ")
 }
 
-/// Runs an `snr-allocate` stage instance: computes the allocation for the manifest's
-/// `diffusion:` section and writes [`ALLOCATION_JSON`] and [`ALLOCATION_PNG`] into
-/// `ctx.out_dir`.
-pub fn run(
-    ctx: &StageContext,
-    params: &AllocateParams,
-    diffusion: &DiffusionConfig,
-) -> anyhow::Result<()> {
-    let alloc = allocate(diffusion.schedule, diffusion.steps, params)?;
+/// The part of `diffusion:` eq. 7 reads: the schedule whose SNR it takes.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SnrProcess {
+    /// `diffusion.steps`.
+    pub steps: usize,
+    /// `diffusion.schedule`.
+    pub schedule: NoiseSchedule,
+}
+
+/// What an `snr-allocate` stage reads.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AllocateInputs {
+    /// Its parameters.
+    pub stage: AllocateParams,
+    /// The noise schedule.
+    pub diffusion: SnrProcess,
+}
+
+/// The `snr-allocate` kind.
+pub struct SnrAllocate;
+
+impl StageKind for SnrAllocate {
+    const KIND: &'static str = KIND;
+    const VERSION: u32 = VERSION;
+    const NOT_READ: &'static [&'static str] = &[
+        "seed",
+        "data",
+        "model",
+        "diffusion.loss",
+        "diffusion.sample_steps",
+        "diffusion.rescale_timesteps",
+    ];
+    type Params = AllocateParams;
+    type Inputs = AllocateInputs;
+
+    fn validate(params: &AllocateParams, diffusion: Option<&DiffusionConfig>) -> Vec<FieldError> {
+        params.validate(diffusion.map(|d| d.steps).unwrap_or(usize::MAX))
+    }
+
+    fn inputs(params: &AllocateParams, m: &Sections<'_>) -> AllocateInputs {
+        AllocateInputs {
+            stage: params.clone(),
+            diffusion: SnrProcess { steps: m.diffusion.steps, schedule: m.diffusion.schedule },
+        }
+    }
+
+    fn groups(params: &AllocateParams) -> Option<usize> {
+        Some(params.groups)
+    }
+}
+
+/// Runs an `snr-allocate` stage instance: computes the allocation and writes
+/// [`ALLOCATION_JSON`] and [`ALLOCATION_PNG`] into `ctx.out_dir`.
+pub fn run(ctx: &StageContext, inputs: &AllocateInputs) -> anyhow::Result<()> {
+    let alloc = allocate(inputs.diffusion.schedule, inputs.diffusion.steps, &inputs.stage)?;
     for g in &alloc.groups {
         tracing::info!(
             stage = %ctx.id,
@@ -195,29 +244,15 @@ pub fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::context::CancelToken;
 
     #[test]
     fn run_writes_both_outputs() {
         let dir = tempfile::tempdir().unwrap();
-        let ctx = StageContext {
-            id: "allocate".into(),
-            group: None,
-            device: "cpu".into(),
-            seed: 0,
-            inputs: Vec::new(),
-            out_dir: dir.path().join("out"),
-            work_dir: dir.path().join("work"),
-            cancel: CancelToken::new(),
-            progress: false,
-        };
+        let ctx = StageContext::new("allocate", dir.path().join("out"), dir.path().join("work"));
         std::fs::create_dir_all(&ctx.out_dir).unwrap();
-        let diffusion = DiffusionConfig {
-            steps: 4000,
-            schedule: NoiseSchedule::Cosine,
-            ..DiffusionConfig::default()
-        };
-        run(&ctx, &AllocateParams::default(), &diffusion).unwrap();
+        let diffusion = SnrProcess { steps: 4000, schedule: NoiseSchedule::Cosine };
+        let inputs = AllocateInputs { stage: AllocateParams::default(), diffusion };
+        run(&ctx, &inputs).unwrap();
         let mut names: Vec<String> = std::fs::read_dir(&ctx.out_dir)
             .unwrap()
             .map(|e| e.unwrap().file_name().into_string().unwrap())
@@ -228,7 +263,7 @@ mod tests {
         assert_eq!(a, allocate(NoiseSchedule::Cosine, 4000, &AllocateParams::default()).unwrap());
 
         let bad = AllocateParams { groups: 5000, ..AllocateParams::default() };
-        let err = run(&ctx, &bad, &diffusion).unwrap_err();
+        let err = run(&ctx, &AllocateInputs { stage: bad, ..inputs }).unwrap_err();
         assert_eq!(
             err.to_string(),
             "invalid `snr-allocate` parameters: `groups` must be at most the number of diffusion \

@@ -10,7 +10,7 @@ use super::DataError;
 
 /// `path` as written in the manifest, resolved against the manifest's directory, without `.`
 /// components (so messages and cache labels read `dir/file`, not `dir/./file`).
-pub(crate) fn resolve(base_dir: &Path, path: &Path) -> PathBuf {
+pub fn resolve(base_dir: &Path, path: &Path) -> PathBuf {
     let joined = if path.is_absolute() { path.to_path_buf() } else { base_dir.join(path) };
     joined.components().filter(|c| *c != Component::CurDir).collect()
 }
@@ -19,7 +19,7 @@ pub(crate) fn resolve(base_dir: &Path, path: &Path) -> PathBuf {
 /// ends in `.{ext}`; or, when the last component holds `*` or `?`, every file in the parent
 /// directory whose name matches that pattern. Sorted in natural order (`batch_2` before
 /// `batch_10`).
-pub(crate) fn expand(path: &Path, ext: &str) -> Result<Vec<PathBuf>, DataError> {
+pub fn expand(path: &Path, ext: &str) -> Result<Vec<PathBuf>, DataError> {
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
     let mut files = Vec::new();
     if name.contains(['*', '?']) {
@@ -58,7 +58,7 @@ pub(crate) fn expand(path: &Path, ext: &str) -> Result<Vec<PathBuf>, DataError> 
 /// Every file under `dir` (recursively, following links, each directory once even when links
 /// form a cycle) whose extension is one of `exts` (case-insensitive), sorted by path in natural
 /// order.
-pub(crate) fn walk(dir: &Path, exts: &[&str]) -> Result<Vec<PathBuf>, DataError> {
+pub fn walk(dir: &Path, exts: &[&str]) -> Result<Vec<PathBuf>, DataError> {
     let mut out = Vec::new();
     let mut seen = HashSet::new();
     let mut stack = vec![dir.to_path_buf()];
@@ -94,7 +94,7 @@ fn read_dir_sorted(dir: &Path) -> Result<Vec<PathBuf>, DataError> {
 }
 
 /// Shell-style match of a file name against `*` (any run) and `?` (one character).
-pub(crate) fn glob_match(pattern: &str, name: &str) -> bool {
+pub fn glob_match(pattern: &str, name: &str) -> bool {
     let p: Vec<char> = pattern.chars().collect();
     let n: Vec<char> = name.chars().collect();
     let (mut pi, mut ni) = (0, 0);
@@ -118,7 +118,7 @@ pub(crate) fn glob_match(pattern: &str, name: &str) -> bool {
 }
 
 /// Compares strings with runs of ASCII digits taken as numbers: `b2 < b10`.
-pub(crate) fn natural_cmp(a: &str, b: &str) -> Ordering {
+pub fn natural_cmp(a: &str, b: &str) -> Ordering {
     let (mut a, mut b) = (a.as_bytes(), b.as_bytes());
     loop {
         match (a.first(), b.first()) {

@@ -70,8 +70,8 @@ pub enum DataError {
         len: usize,
     },
     /// libtorch refused to build a tensor.
-    #[error(transparent)]
-    Tensor(#[from] tch::TchError),
+    #[error("{0}")]
+    Tensor(String),
 }
 
 fn hint_suffix(hint: &Option<String>) -> String {
@@ -80,12 +80,12 @@ fn hint_suffix(hint: &Option<String>) -> String {
 
 impl DataError {
     /// An I/O error on `path` without a hint.
-    pub(crate) fn io(path: &Path, err: io::Error) -> Self {
+    pub fn io(path: &Path, err: io::Error) -> Self {
         DataError::Io { path: path.to_path_buf(), err, hint: None }
     }
 
     /// Malformed content of `path` at `offset`.
-    pub(crate) fn format(
+    pub fn format(
         path: &Path,
         offset: u64,
         what: impl Into<String>,
@@ -101,12 +101,12 @@ impl DataError {
     }
 
     /// A file that cannot be used as asked.
-    pub(crate) fn unsupported(path: &Path, message: impl Into<String>) -> Self {
+    pub fn unsupported(path: &Path, message: impl Into<String>) -> Self {
         DataError::Unsupported { path: path.to_path_buf(), message: message.into(), hint: None }
     }
 
     /// Adds a hint to an [`DataError::Io`] or [`DataError::Unsupported`] error.
-    pub(crate) fn with_hint(mut self, h: impl Into<String>) -> Self {
+    pub fn with_hint(mut self, h: impl Into<String>) -> Self {
         if let DataError::Io { hint, .. } | DataError::Unsupported { hint, .. } = &mut self {
             *hint = Some(h.into());
         }
@@ -114,7 +114,7 @@ impl DataError {
     }
 
     /// Marks a [`DataError::Format`] offset as counting decompressed bytes.
-    pub(crate) fn in_decompressed(mut self) -> Self {
+    pub fn in_decompressed(mut self) -> Self {
         if let DataError::Format { decompressed, .. } = &mut self {
             *decompressed = true;
         }
