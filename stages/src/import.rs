@@ -37,81 +37,19 @@
 //! ([`crate::checkpoint`]) in float32, whatever float type the source used, with
 //! `state.imported_from` naming the source as written in the manifest.
 
+pub use progdiff_kinds::import::*;
+
 use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use schemars::JsonSchema;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use tch::Kind;
 
 use crate::checkpoint::{Checkpoint, CheckpointError};
 use crate::config::ModelConfig;
 use crate::context::{FieldError, StageContext};
 use crate::unet::{ArchError, UNetArch};
-
-/// The stage kind in manifests.
-pub const KIND: &str = "import";
-
-/// Implementation version: bump whenever the outputs for the same inputs would change.
-pub const VERSION: u32 = 1;
-
-/// The output holding the model weights (the name the `train` stage uses too).
-pub const MODEL_FILE: &str = "model.safetensors";
-
-/// The output holding the EMA weights (the name the `train` stage uses too).
-pub const EMA_FILE: &str = "ema.safetensors";
-
-/// State key naming the imported file, as written in the manifest.
-pub const IMPORTED_FROM: &str = "imported_from";
-
-/// Parameters of an `import` stage.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct ImportParams {
-    /// The checkpoint: a safetensors file (relative to the manifest) holding an improved-diffusion
-    /// state dict under its own parameter names, for the architecture of the manifest's `model:`
-    /// section. Its content digest is part of the cache key.
-    pub path: String,
-    /// Optional EMA weights in the same form; when absent, the `ema.safetensors` output is the
-    /// weights of `path`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ema_path: Option<String>,
-}
-
-impl ImportParams {
-    /// Checks values serde cannot: non-empty paths, and not a PyTorch pickle.
-    pub fn validate(&self) -> Vec<FieldError> {
-        let mut errs = Vec::new();
-        for (field, value) in self.fields() {
-            let lower = value.to_ascii_lowercase();
-            if value.trim().is_empty() {
-                errs.push(FieldError::at(field, "must not be empty"));
-            } else if [".pt", ".pth", ".ckpt", ".bin"].iter().any(|e| lower.ends_with(e)) {
-                errs.push(FieldError::at(
-                    field,
-                    format!(
-                        "must be a safetensors file, got the PyTorch file `{value}`\nhint: convert \
-                         it with `safetensors.torch.save_file({{k: v.contiguous() for k, v in \
-                         torch.load(path, map_location=\"cpu\").items()}}, out)`"
-                    ),
-                ));
-            }
-        }
-        errs
-    }
-
-    /// The files the stage reads, relative to the manifest (for the cache key's digests).
-    pub fn inputs(&self) -> Vec<&str> {
-        self.fields().into_iter().map(|(_, v)| v).collect()
-    }
-
-    fn fields(&self) -> Vec<(&'static str, &str)> {
-        let mut out = vec![("path", self.path.as_str())];
-        out.extend(self.ema_path.as_deref().map(|e| ("ema_path", e)));
-        out
-    }
-}
 
 /// Why an import failed.
 #[derive(Debug, thiserror::Error)]
@@ -171,33 +109,34 @@ fn describe_shapes(expected: Option<&[i64]>, found: Option<&[i64]>) -> String {
     }
 }
 
-/// Runs an `import` stage instance: reads `params.path` (and `params.ema_path`) relative to
-/// `manifest_dir`, checks them against `model`, and writes [`MODEL_FILE`] and [`EMA_FILE`] into
-/// `ctx.out_dir`.
-pub fn run(
-    ctx: &StageContext,
-    params: &ImportParams,
-    model: &ModelConfig,
-    manifest_dir: &Path,
-) -> anyhow::Result<()> {
+/// Runs an `import` stage instance: reads the files `path` (and `ema_path`) of the inputs,
+/// checks them against `model`, and writes [`MODEL_FILE`] and [`EMA_FILE`] into `ctx.out_dir`.
+pub fn run(ctx: &StageContext, inputs: &ImportInputs) -> anyhow::Result<()> {
     ctx.cancel.check()?;
-    let errs = params.validate();
-    if !errs.is_empty() {
-        return Err(ImportError::InvalidParams(errs).into());
-    }
-    let weights = import_file(&manifest_dir.join(&params.path), &params.path, model)?;
-    tracing::info!(stage = %ctx.id, path = %params.path, tensors = weights.tensors.len(), "imported");
+    let path = inputs.at.file("path")?;
+    let weights = import_file(path, &content_label(path)?, &inputs.model)?;
+    tracing::info!(stage = %ctx.id, path = %path.display(), tensors = weights.tensors.len(), "imported");
     weights.save(&ctx.out_dir.join(MODEL_FILE))?;
-    match &params.ema_path {
+    match inputs.at.files.get("ema_path") {
         Some(ema) => {
             ctx.cancel.check()?;
-            let ema_weights = import_file(&manifest_dir.join(ema), ema, model)?;
-            tracing::info!(stage = %ctx.id, path = %ema, "imported EMA weights");
+            let ema_weights = import_file(ema, &content_label(ema)?, &inputs.model)?;
+            tracing::info!(stage = %ctx.id, path = %ema.display(), "imported EMA weights");
             ema_weights.save(&ctx.out_dir.join(EMA_FILE))?;
         }
         None => weights.save(&ctx.out_dir.join(EMA_FILE))?,
     }
     Ok(())
+}
+
+/// `blake3:<hex>` of a file's content: what the checkpoints record as their source (the key
+/// holds the content, not the name).
+pub fn content_label(path: &Path) -> anyhow::Result<String> {
+    let mut hasher = blake3::Hasher::new();
+    hasher
+        .update_mmap(path)
+        .map_err(|e| anyhow::anyhow!("reading `{}`: {e}", path.display()))?;
+    Ok(format!("blake3:{}", hasher.finalize().to_hex()))
 }
 
 /// Reads an improved-diffusion state dict in safetensors form for the architecture of `model`,

@@ -1,16 +1,12 @@
-//! The real work of progdiff's stages, on tch: noise schedules, SNR-based FLOPs allocation
-//! (paper eq. 7-10), and (as they land) data, IDDPM diffusion, the UNet, training, pruning and
-//! evaluation.
+//! The real work of progdiff's stages, on tch: data, IDDPM diffusion, the UNet, training,
+//! pruning, sampling and FID features — and [`run::Run`], each stage kind's `run`, which the
+//! worker binary dispatches to.
 //!
-//! Each stage kind owns its parameter types (serde + JSON Schema) and a `run` function that takes
-//! a [`context::StageContext`]; the engine owns manifests, keys, the cache and scheduling.
+//! Each kind's parameters and hashed inputs live in the torch-free `progdiff-kinds` (re-exported
+//! here under the same module names); the engine owns manifests, keys, the cache and scheduling.
 #![warn(missing_docs)]
 
-pub mod allocate;
 pub mod checkpoint;
-pub mod command;
-pub mod config;
-pub mod context;
 pub mod cost;
 pub mod data;
 pub mod diffusion;
@@ -18,9 +14,10 @@ pub mod evaluate;
 pub mod fid;
 pub mod image_io;
 pub mod import;
-pub mod plot;
 pub mod prune;
+pub mod run;
 pub mod sample;
-pub mod schedule;
 pub mod train;
 pub mod unet;
+
+pub use progdiff_kinds::{allocate, command, config, context, fid_extractor, kind, plot, schedule};

@@ -19,154 +19,25 @@
 //! Outputs: `model.safetensors`, `ema.safetensors` (what later stages use by default) and
 //! `metrics.jsonl`.
 
+pub use progdiff_kinds::train::*;
+
 use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::time::Instant;
 
 use anyhow::{Context as _, bail};
-use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
 use crate::allocate::{ALLOCATION_JSON, Allocation};
 use crate::checkpoint::{self, Checkpoint};
-use crate::config::{DiffusionConfig, ModelConfig};
-use crate::context::{FieldError, StageContext};
-use crate::data::{DataConfig, Dataset, EpochSampler};
+use crate::config::ModelConfig;
+use crate::context::StageContext;
+use crate::data::{Dataset, EpochSampler};
 use crate::diffusion::{GaussianDiffusion, NoiseSource, SeededNoise};
 use crate::unet::{UNet, UNetArch};
-
-/// Stage kind name.
-pub const KIND: &str = "train";
-/// Implementation version: bump when training results would change.
-pub const VERSION: u32 = 1;
-/// Output: the trained weights.
-pub const MODEL_FILE: &str = "model.safetensors";
-/// Output: the EMA weights.
-pub const EMA_FILE: &str = "ema.safetensors";
-/// Output: one JSON object per logged step.
-pub const METRICS_FILE: &str = "metrics.jsonl";
-
-/// Which upstream weights fine-tuning starts from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum InitFrom {
-    /// The upstream EMA weights (what the base model is evaluated with).
-    #[default]
-    Ema,
-    /// The upstream raw weights.
-    Model,
-}
-
-/// Numeric precision of training.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum Precision {
-    /// Everything in float32.
-    #[default]
-    Fp32,
-    /// Mixed precision as improved-diffusion's `use_fp16`, with bfloat16 (no loss scaling
-    /// needed): convolutions run on a bfloat16 copy of the weights, linear layers, GroupNorm,
-    /// softmax and the loss stay in float32, and the optimizer updates float32 master weights.
-    /// Meant for CUDA; works (slowly) on the CPU.
-    Bf16,
-}
-
-/// Parameters of a `train` stage (improved-diffusion's defaults).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields, default)]
-pub struct TrainParams {
-    /// Optimisation steps.
-    pub steps: usize,
-    /// Images per step.
-    pub batch_size: usize,
-    /// AdamW learning rate.
-    pub lr: f64,
-    /// AdamW weight decay.
-    pub weight_decay: f64,
-    /// EMA rate.
-    pub ema: f64,
-    /// Clip the global gradient norm to this value (off when absent).
-    pub grad_clip: Option<f64>,
-    /// Linear learning-rate warm-up over this many steps (0: none).
-    pub warmup: usize,
-    /// Save resume state every this many steps (0: never).
-    pub checkpoint_every: usize,
-    /// Log metrics every this many steps.
-    pub log_every: usize,
-    /// Upstream weights to start from when fine-tuning.
-    pub init: InitFrom,
-    /// `fp32` or `bf16` mixed precision.
-    pub precision: Precision,
-}
-
-impl Default for TrainParams {
-    fn default() -> Self {
-        TrainParams {
-            steps: 1000,
-            batch_size: 128,
-            lr: 1e-4,
-            weight_decay: 0.0,
-            ema: 0.9999,
-            grad_clip: None,
-            warmup: 0,
-            checkpoint_every: 1000,
-            log_every: 100,
-            init: InitFrom::Ema,
-            precision: Precision::Fp32,
-        }
-    }
-}
-
-impl TrainParams {
-    /// Range checks serde cannot express.
-    pub fn validate(&self) -> Vec<FieldError> {
-        let mut e = Vec::new();
-        if self.steps == 0 {
-            e.push(FieldError::at("steps", "must be at least 1, got 0"));
-        }
-        if self.batch_size == 0 {
-            e.push(FieldError::at("batch_size", "must be at least 1, got 0"));
-        }
-        if !(self.lr > 0.0 && self.lr.is_finite()) {
-            e.push(FieldError::at("lr", format!("must be positive, got {}", self.lr)));
-        }
-        if !(self.weight_decay >= 0.0 && self.weight_decay.is_finite()) {
-            e.push(FieldError::at(
-                "weight_decay",
-                format!("must be >= 0, got {}", self.weight_decay),
-            ));
-        }
-        if !(0.0..1.0).contains(&self.ema) {
-            e.push(FieldError::at("ema", format!("must be in [0, 1), got {}", self.ema)));
-        }
-        if let Some(c) = self.grad_clip
-            && !(c > 0.0 && c.is_finite())
-        {
-            e.push(FieldError::at("grad_clip", format!("must be positive, got {c}")));
-        }
-        if self.log_every == 0 {
-            e.push(FieldError::at("log_every", "must be at least 1, got 0"));
-        }
-        e
-    }
-}
-
-/// Everything outside the stage's own parameters that training reads.
-#[derive(Clone, Copy, Debug)]
-pub struct TrainInputs<'a> {
-    /// `data:`.
-    pub data: &'a DataConfig,
-    /// `model:`.
-    pub model: &'a ModelConfig,
-    /// `diffusion:`.
-    pub diffusion: &'a DiffusionConfig,
-    /// Directory relative data paths resolve against.
-    pub manifest_dir: &'a Path,
-}
 
 /// Parses `cpu` / `cuda:N`.
 pub fn parse_device(s: &str) -> anyhow::Result<Device> {
@@ -183,10 +54,6 @@ pub fn parse_device(s: &str) -> anyhow::Result<Device> {
         },
     }
 }
-
-/// libtorch's global generator is shared by the process: hold this while seeding it and drawing
-/// from it (dropout masks in a forward pass) so concurrent stages stay reproducible.
-pub static TORCH_RNG: Mutex<()> = Mutex::new(());
 
 /// SplitMix64 finaliser: independent streams from `(seed, step, purpose)`.
 fn mix(mut z: u64) -> u64 {
@@ -209,16 +76,16 @@ fn uniform_indices(state: u64, n: usize, bound: usize) -> Vec<usize> {
 /// Where training starts: scratch (seeded init) or an upstream checkpoint.
 fn initial_checkpoint(
     ctx: &StageContext,
-    params: &TrainParams,
-    inputs: &TrainInputs<'_>,
+    inputs: &TrainInputs,
 ) -> anyhow::Result<Checkpoint> {
+    let params = &inputs.stage;
     let upstream: Vec<_> = ctx.inputs.iter().filter(|u| u.files.contains_key(MODEL_FILE)).collect();
     match upstream.as_slice() {
         [] => {
-            let arch = UNetArch::from_config(inputs.model)?;
+            let arch = UNetArch::from_config(&inputs.model)?;
             let vs = VarStore::new(Device::Cpu);
-            let _rng = TORCH_RNG.lock().unwrap_or_else(|e| e.into_inner());
-            tch::manual_seed(stream(ctx.seed, u64::MAX, 0) as i64);
+            // One stage instance per process: libtorch's global generator is this stage's.
+            tch::manual_seed(stream(inputs.seed, u64::MAX, 0) as i64);
             let _net = UNet::new(&vs.root(), &arch)?;
             Ok(Checkpoint::from_var_store(&arch, &vs, BTreeMap::new())?)
         }
@@ -328,21 +195,21 @@ struct Interval {
 }
 
 /// Runs the stage.
-pub fn run(
-    ctx: &StageContext,
-    params: &TrainParams,
-    inputs: &TrainInputs<'_>,
-) -> anyhow::Result<()> {
+pub fn run(ctx: &StageContext, inputs: &TrainInputs) -> anyhow::Result<()> {
+    let params = &inputs.stage;
+    let seed = inputs.seed;
     let device = parse_device(&ctx.device)?;
-    let dataset = inputs.data.open(inputs.manifest_dir).context("opening the dataset")?;
-    check_shapes(&dataset, inputs.model)?;
-    let diffusion = GaussianDiffusion::from_config(inputs.diffusion, inputs.model.learn_sigma)?;
+    let data = inputs.at.data_config(inputs.data.as_ref())?;
+    let dataset = Dataset::open(&data, &inputs.at.dir).context("opening the dataset")?;
+    check_shapes(&dataset, &inputs.model)?;
+    let diffusion =
+        GaussianDiffusion::from_config(&inputs.diffusion.config(), inputs.model.learn_sigma)?;
     let steps_t = inputs.diffusion.steps;
     let allowed = timestep_set(ctx, steps_t)?;
     anyhow::ensure!(!allowed.is_empty(), "stage `{}` has no timesteps to train on", ctx.id);
 
     let resume = ResumeDir { root: ctx.work_dir.clone() };
-    let mut sampler = EpochSampler::new(dataset.len(), ctx.seed);
+    let mut sampler = EpochSampler::new(dataset.len(), seed);
     let mut interval = Interval::default();
     let (start, init, ema_init, moments) = match resume.latest() {
         Some((state, dir)) => {
@@ -357,7 +224,7 @@ pub fn run(
                 Some(moments),
             )
         }
-        None => (0, initial_checkpoint(ctx, params, inputs)?, None, None),
+        None => (0, initial_checkpoint(ctx, inputs)?, None, None),
     };
     let arch = init.arch.clone();
 
@@ -381,7 +248,9 @@ pub fn run(
 
     let metrics_path = ctx.work_dir.join(METRICS_FILE);
     let mut metrics = open_metrics(&metrics_path, start)?;
-    let bar = progress_bar(ctx, params.steps as u64, start as u64);
+    let total = params.steps as u64;
+    let mut last_loss = f64::NAN;
+    ctx.report.progress(start as u64, total, "steps", String::new);
     let mut t_log = Instant::now();
     let (c, h, w) = dataset.image_shape();
     let batch = params.batch_size;
@@ -391,23 +260,22 @@ pub fn run(
         let s = step as u64;
         let indices = sampler.next_batch(batch);
         let flips: Vec<bool> = if dataset.hflip() {
-            uniform_indices(stream(ctx.seed, s, 1), batch, 2).into_iter().map(|b| b == 1).collect()
+            uniform_indices(stream(seed, s, 1), batch, 2).into_iter().map(|b| b == 1).collect()
         } else {
             vec![false; batch]
         };
         let x0 = dataset.batch_with_flips(&indices, &flips)?.to_device(device);
-        let t_idx = uniform_indices(stream(ctx.seed, s, 2), batch, allowed.len());
+        let t_idx = uniform_indices(stream(seed, s, 2), batch, allowed.len());
         let t_vals: Vec<i64> = t_idx.iter().map(|&i| allowed[i] as i64).collect();
         let t = Tensor::from_slice(&t_vals).to_device(device);
-        let noise = SeededNoise::stream(ctx.seed, stream(ctx.seed, s, 3))
+        let noise = SeededNoise::stream(seed, stream(seed, s, 3))
             .randn(&[batch as i64, c as i64, h as i64, w as i64], (Kind::Float, device));
 
         if let Some(h) = &half {
             h.load(&named);
         }
         let losses = {
-            let _rng = TORCH_RNG.lock().unwrap_or_else(|e| e.into_inner());
-            tch::manual_seed(stream(ctx.seed, s, 4) as i64);
+            tch::manual_seed(stream(seed, s, 4) as i64);
             match &half {
                 None => {
                     diffusion.training_losses(|x, tm| net.forward_t(x, tm, true), &x0, &t, &noise)
@@ -480,11 +348,14 @@ pub fn run(
             }
             writeln!(metrics, "{line}")?;
             metrics.flush()?;
-            bar.set_message(format!("loss {:.4}", interval.loss / n));
+            ctx.report.metrics(&line);
+            last_loss = interval.loss / n;
             interval = Interval::default();
             t_log = Instant::now();
         }
-        bar.set_position(done as u64);
+        ctx.report.progress(done as u64, total, "steps", || {
+            if last_loss.is_finite() { format!("loss {last_loss:.4}") } else { String::new() }
+        });
 
         if params.checkpoint_every > 0 && done % params.checkpoint_every == 0 && done < params.steps
         {
@@ -496,7 +367,6 @@ pub fn run(
             resume.save(&state, &model, &ema, &adam.moments())?;
         }
     }
-    bar.finish_and_clear();
     drop(metrics);
 
     let model = Checkpoint::from_var_store(&arch, &vs, step_state(params.steps, None))?;
@@ -548,22 +418,6 @@ fn open_metrics(path: &Path, step: usize) -> anyhow::Result<std::fs::File> {
         writeln!(f, "{l}")?;
     }
     Ok(f)
-}
-
-fn progress_bar(ctx: &StageContext, len: u64, pos: u64) -> indicatif::ProgressBar {
-    if !ctx.progress {
-        return indicatif::ProgressBar::hidden();
-    }
-    let bar = indicatif::ProgressBar::new(len).with_position(pos);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{prefix} [{bar:30}] {pos}/{len} steps {msg} ({eta})",
-        )
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-        .progress_chars("=> "),
-    );
-    bar.set_prefix(ctx.id.clone());
-    bar
 }
 
 fn zero_grads(vars: &[Tensor]) {

@@ -42,8 +42,8 @@ fn case(name: &str) -> Value {
 fn stats_of(c: &Value) -> (Statistics, Statistics) {
     tch::set_num_threads(1);
     (
-        Statistics::from_features(&matrix(&c["a"])).unwrap(),
-        Statistics::from_features(&matrix(&c["b"])).unwrap(),
+        statistics_from_features(&matrix(&c["a"])).unwrap(),
+        statistics_from_features(&matrix(&c["b"])).unwrap(),
     )
 }
 

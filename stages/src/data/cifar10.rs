@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use super::dataset::Source;
 use super::transform::RawImage;
-use super::{DataError, Split};
+use super::{DataError, Split, cifar10_files as files};
 
 /// Bytes per record: label + 3 x 32 x 32.
 pub(crate) const RECORD: usize = 1 + 3 * 32 * 32;
@@ -19,12 +19,6 @@ const DOWNLOAD_HINT: &str = "download the binary version from \
     `cifar-10-batches-bin` directory";
 
 /// The files of a split.
-pub(crate) fn files(dir: &Path, split: Split) -> Vec<PathBuf> {
-    match split {
-        Split::Train => (1..=5).map(|k| dir.join(format!("data_batch_{k}.bin"))).collect(),
-        Split::Test => vec![dir.join("test_batch.bin")],
-    }
-}
 
 pub(crate) struct Cifar10 {
     files: Vec<(PathBuf, Vec<u8>)>,

@@ -8,25 +8,10 @@ use image::DynamicImage;
 
 use super::DataError;
 use super::dataset::Source;
-use super::files;
+use super::folder_files as files;
 use super::transform::RawImage;
 
 /// File extensions read, compared case-insensitively.
-pub(crate) const EXTENSIONS: &[&str] = &["png", "jpg", "jpeg"];
-
-/// Every image file under `dir`.
-pub(crate) fn files(dir: &Path) -> Result<Vec<PathBuf>, DataError> {
-    let found = files::walk(dir, EXTENSIONS)?;
-    if found.is_empty() {
-        return Err(DataError::NoFiles {
-            message: format!(
-                "`{}`: no `.png`, `.jpg` or `.jpeg` file under this folder",
-                dir.display()
-            ),
-        });
-    }
-    Ok(found)
-}
 
 /// Each image is decoded to 1 channel when it is grayscale, else to 3 (alpha dropped); the
 /// transform pipeline converts to the dataset's channels, so `channels: keep` follows the

@@ -11,24 +11,10 @@ use std::path::PathBuf;
 
 use super::dataset::Source;
 use super::transform::RawImage;
-use super::{DataError, SyntheticData};
+use super::{DataError, SYNTHETIC_DEFAULT_SIZE, SyntheticData};
 
 /// Version of the generator: bump whenever the pixels for the same parameters change (it is
 /// part of [`super::DataConfig::generated_fingerprint`], hence of cache keys).
-pub const SYNTHETIC_VERSION: u32 = 1;
-
-/// Image side when `image_size` is unset.
-const DEFAULT_SIZE: usize = 32;
-
-pub(crate) fn fingerprint(d: &SyntheticData) -> String {
-    format!(
-        "synthetic/v{SYNTHETIC_VERSION} n={} image_size={} seed={}",
-        d.n,
-        d.image_size.unwrap_or(DEFAULT_SIZE),
-        d.seed
-    )
-}
-
 pub(crate) struct Synthetic {
     n: usize,
     size: usize,
@@ -37,7 +23,7 @@ pub(crate) struct Synthetic {
 
 impl Synthetic {
     pub(crate) fn new(d: &SyntheticData) -> Synthetic {
-        Synthetic { n: d.n, size: d.image_size.unwrap_or(DEFAULT_SIZE), seed: d.seed }
+        Synthetic { n: d.n, size: d.image_size.unwrap_or(SYNTHETIC_DEFAULT_SIZE), seed: d.seed }
     }
 }
 

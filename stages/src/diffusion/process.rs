@@ -5,7 +5,7 @@ use std::f64::consts::LN_2;
 
 use tch::{Kind, Tensor};
 
-use super::error::DiffusionError;
+use super::DiffusionError;
 use super::likelihood::{discretized_gaussian_log_likelihood, mean_flat, normal_kl};
 use super::respacing::Respacing;
 use crate::config::{DiffusionConfig, LossKind};

@@ -14,146 +14,32 @@
 //! and, with an extractor, `samples.npz` (the samples' statistics in pytorch-fid's format, for
 //! `progdiff fid`).
 
+pub use progdiff_kinds::evaluate::*;
+
 use std::time::Instant;
 
 use anyhow::Context as _;
-use schemars::JsonSchema;
-use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
 use crate::allocate::{ALLOCATION_JSON, Allocation};
-use crate::config::DiffusionConfig;
-use crate::context::{FieldError, StageContext, UpstreamOutputs};
+use crate::context::{StageContext, UpstreamOutputs};
 use crate::diffusion::{GaussianDiffusion, SampleOptions, Sampler};
 use crate::fid::stage::{MODULE_FILE, REFERENCE_FILE, SPEC_FILE, WEIGHTS_FILE};
-use crate::fid::{Extractor, ExtractorSpec, Statistics, frechet_distance, read_stats, write_stats};
+use crate::fid::{
+    Extractor, ExtractorSpec, Statistics, frechet_distance, read_stats, statistics_from_features,
+    write_stats,
+};
 use crate::image_io::write_png_grid;
 use crate::sample::{ModelSet, SampleConfig, load_unet, parse_device, sample_batches};
 use crate::train::{EMA_FILE, MODEL_FILE};
 
-/// Stage kind name.
-pub const KIND: &str = "evaluate";
-/// Implementation version: bump when results would change.
-pub const VERSION: u32 = 1;
-/// Output: [`EvaluateMetrics`] as JSON.
-pub const METRICS_FILE: &str = "metrics.json";
-/// Output: a PNG grid of the first samples.
-pub const GRID_FILE: &str = "samples.png";
-/// Output: the samples' feature statistics (pytorch-fid `.npz`).
-pub const STATS_FILE: &str = "samples.npz";
-
-/// Which weights of a trained model to sample with.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum Weights {
-    /// The EMA weights (how IDDPM evaluates), the raw weights when a stage has no EMA.
-    #[default]
-    Ema,
-    /// The raw weights.
-    Model,
-}
-
-/// Parameters of an `evaluate` stage.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields, default)]
-pub struct EvaluateParams {
-    /// Images to sample (the paper: 50,000).
-    pub samples: usize,
-    /// Images per model call.
-    pub batch_size: usize,
-    /// `ema` (default) or `model`.
-    pub weights: Weights,
-    /// Clamp each x_0 prediction to [-1, 1].
-    pub clip_denoised: bool,
-    /// DDIM with this eta instead of ancestral sampling.
-    pub ddim_eta: Option<f64>,
-    /// Images in the PNG grid (0: no grid).
-    pub grid: usize,
-    /// Name of the row in `progdiff report` (the stage id when absent).
-    pub label: Option<String>,
-}
-
-impl Default for EvaluateParams {
-    fn default() -> Self {
-        EvaluateParams {
-            samples: 1000,
-            batch_size: 64,
-            weights: Weights::Ema,
-            clip_denoised: true,
-            ddim_eta: None,
-            grid: 64,
-            label: None,
-        }
-    }
-}
-
-impl EvaluateParams {
-    /// Checks serde cannot express.
-    pub fn validate(&self) -> Vec<FieldError> {
-        let mut e = Vec::new();
-        if self.samples == 0 {
-            e.push(FieldError::at("samples", "must be at least 1, got 0"));
-        }
-        if self.batch_size == 0 {
-            e.push(FieldError::at("batch_size", "must be at least 1, got 0"));
-        }
-        if let Some(eta) = self.ddim_eta
-            && !(eta >= 0.0 && eta.is_finite())
-        {
-            e.push(FieldError::at("ddim_eta", format!("must be >= 0, got {eta}")));
-        }
-        e
-    }
-
-    /// The row name. It is not part of the stage's key (renaming a row re-uses the samples), so
-    /// the `label` in a cached `metrics.json` is the one of the run that made it; reports take
-    /// the manifest's.
-    pub fn label_or<'a>(&'a self, id: &'a str) -> &'a str {
-        self.label.as_deref().unwrap_or(id)
-    }
-}
-
-/// What an `evaluate` stage measured (`metrics.json`).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct EvaluateMetrics {
-    /// Row name.
-    pub label: String,
-    /// `single` or `progressive`.
-    pub sampler: String,
-    /// Number of models (1, or the group count).
-    pub models: usize,
-    /// Images sampled.
-    pub samples: usize,
-    /// Steps of the (respaced) sampling process.
-    pub sample_steps: usize,
-    /// FID against the reference statistics; absent without an extractor.
-    pub fid: Option<f64>,
-    /// The extractor, as `torchscript` or `classifier`, when there is one.
-    pub extractor: Option<String>,
-    /// Params averaged over the sampled timesteps.
-    pub params: f64,
-    /// Conv + linear MACs per image averaged over the sampled timesteps.
-    pub macs: f64,
-    /// Steps each model runs.
-    pub steps_per_model: Vec<usize>,
-    /// Wall-clock seconds spent sampling (without feature extraction).
-    pub sampling_seconds: f64,
-    /// Seconds spent extracting features and computing the FID.
-    pub fid_seconds: f64,
-    /// Which weights were sampled.
-    pub weights: Weights,
-}
-
 /// Runs the stage.
-pub fn run(
-    ctx: &StageContext,
-    params: &EvaluateParams,
-    diffusion_cfg: &DiffusionConfig,
-) -> anyhow::Result<()> {
+pub fn run(ctx: &StageContext, inputs: &EvaluateInputs) -> anyhow::Result<()> {
+    let params = &inputs.stage;
     let device = parse_device(&ctx.device)?;
     let (models, sampler) = load_models(ctx, params.weights, device)?;
     let learn_sigma = models.models()[0].arch().config.learn_sigma;
-    let diffusion = GaussianDiffusion::for_sampling(diffusion_cfg, learn_sigma)?;
+    let diffusion = GaussianDiffusion::for_sampling(&inputs.diffusion, learn_sigma)?;
     let cost = models.average_cost(&diffusion)?;
     let fid_inputs = ctx.inputs.iter().find(|u| u.files.contains_key(SPEC_FILE));
     let extractor = fid_inputs.map(|u| load_extractor(u, device)).transpose()?;
@@ -163,10 +49,10 @@ pub fn run(
         params.samples
     );
 
-    let mut cfg = SampleConfig::new(params.samples, ctx.seed);
+    let mut cfg = SampleConfig::new(params.samples, inputs.seed);
     cfg.batch_size = params.batch_size;
     cfg.device = device;
-    cfg.progress = ctx.progress;
+    cfg.report = ctx.report.clone();
     cfg.cancel = ctx.cancel.clone();
     cfg.options = SampleOptions {
         sampler: params.ddim_eta.map_or(Sampler::Ancestral, |eta| Sampler::Ddim { eta }),
@@ -199,7 +85,7 @@ pub fn run(
         None => None,
         Some((_, reference, _)) => {
             let t = Instant::now();
-            let stats = Statistics::from_features(&Tensor::cat(&features, 0))?;
+            let stats = statistics_from_features(&Tensor::cat(&features, 0))?;
             write_stats(&stats, &ctx.out_dir.join(STATS_FILE))?;
             let fid = frechet_distance(&stats, reference)?;
             fid_seconds += t.elapsed().as_secs_f64();
@@ -207,7 +93,7 @@ pub fn run(
         }
     };
     let metrics = EvaluateMetrics {
-        label: params.label_or(&ctx.id).to_string(),
+        label: ctx.id.clone(),
         sampler: sampler.to_string(),
         models: models.len(),
         samples: params.samples,

@@ -7,25 +7,11 @@
 
 use std::path::Path;
 
-use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use tch::nn::{self, Module, OptimizerConfig, VarStore};
 use tch::{Device, Kind, Tensor};
 
-use super::FidError;
-
-/// What the classifier learns to predict.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum Target {
-    /// The dataset's labels when it has them, rotations otherwise.
-    #[default]
-    Auto,
-    /// The dataset's labels (an error when it has none).
-    Labels,
-    /// Four-way rotation prediction.
-    Rotation,
-}
+use super::{FidError, Target};
 
 /// The shape of a trained classifier, saved next to its weights.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

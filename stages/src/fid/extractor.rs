@@ -9,8 +9,6 @@ use tch::{CModule, Device, IValue, Kind, Tensor};
 use super::FidError;
 use super::classifier::Classifier;
 
-/// The input size of pytorch-fid's InceptionV3.
-pub const INCEPTION_SIZE: usize = 299;
 
 /// What an extractor is, as written next to it in the cache (`extractor.json`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -21,61 +21,15 @@
 mod classifier;
 mod extractor;
 mod folder;
-mod npz;
 pub mod stage;
 mod stats;
 
-use std::path::PathBuf;
-
-pub use classifier::{Classifier, ClassifierConfig, Target, rotate_quarters};
-pub use extractor::{Extractor, ExtractorSpec, INCEPTION_SIZE};
+pub use classifier::{Classifier, ClassifierConfig, rotate_quarters};
+pub use extractor::{Extractor, ExtractorSpec};
 pub use folder::load_folder;
-pub use npz::{read_stats, write_stats};
+pub use progdiff_kinds::fid::{FidError, Statistics, read_stats, write_stats};
+pub use progdiff_kinds::fid_extractor::{INCEPTION_SIZE, Target};
 pub use stats::{
-    MAX_IMAGINARY, SQRTM_EPS, Statistics, frechet_distance, frechet_distance_with,
+    MAX_IMAGINARY, SQRTM_EPS, frechet_distance, frechet_distance_with, statistics_from_features,
     trace_sqrt_product,
 };
-
-/// Why an FID could not be computed.
-#[derive(Debug, thiserror::Error)]
-pub enum FidError {
-    /// Arrays of the wrong shape.
-    #[error("{0}")]
-    Shape(String),
-    /// The square root stayed non-finite after the eps retry.
-    #[error("the FID's matrix square root is not finite, even with 1e-6 added to the diagonals")]
-    NotFinite,
-    /// pytorch-fid's imaginary-component check failed.
-    #[error(
-        "the FID's matrix square root has an imaginary component of {0:e} (more than 1e-3)\nhint: \
-         are both covariances positive semi-definite?"
-    )]
-    Imaginary(f64),
-    /// A statistics file that cannot be read or written.
-    #[error("statistics file `{}`: {message}", path.display())]
-    Stats {
-        /// The file.
-        path: PathBuf,
-        /// What is wrong.
-        message: String,
-    },
-    /// An extractor that cannot be loaded or saved.
-    #[error("feature extractor `{}`: {message}", path.display())]
-    Extractor {
-        /// The file.
-        path: PathBuf,
-        /// What is wrong.
-        message: String,
-    },
-    /// An image folder that cannot be read.
-    #[error("image folder `{}`: {message}", path.display())]
-    Folder {
-        /// The folder or file.
-        path: PathBuf,
-        /// What is wrong.
-        message: String,
-    },
-    /// A libtorch error.
-    #[error(transparent)]
-    Torch(#[from] tch::TchError),
-}

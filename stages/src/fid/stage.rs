@@ -7,159 +7,38 @@
 //! the TorchScript module, or `classifier.safetensors`) and `reference.npz` (pytorch-fid's
 //! format).
 
-use std::path::Path;
-
 use anyhow::Context as _;
-use schemars::JsonSchema;
-use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
+pub use progdiff_kinds::fid_extractor::*;
+
 use super::{
-    Classifier, ClassifierConfig, Extractor, ExtractorSpec, INCEPTION_SIZE, Statistics, Target,
-    rotate_quarters, write_stats,
+    Classifier, ClassifierConfig, Extractor, ExtractorSpec, rotate_quarters,
+    statistics_from_features, write_stats,
 };
-use crate::context::{FieldError, StageContext};
-use crate::data::{DataConfig, Dataset};
+use crate::context::StageContext;
+use crate::data::Dataset;
 use crate::sample::parse_device;
 
-/// Stage kind name.
-pub const KIND: &str = "fid-extractor";
-/// Implementation version: bump when outputs would change.
-pub const VERSION: u32 = 1;
-/// Output: the [`ExtractorSpec`].
-pub const SPEC_FILE: &str = "extractor.json";
-/// Output: the TorchScript module.
-pub const MODULE_FILE: &str = "extractor.pt";
-/// Output: the classifier's weights.
-pub const WEIGHTS_FILE: &str = "classifier.safetensors";
-/// Output: the dataset's statistics under the extractor.
-pub const REFERENCE_FILE: &str = "reference.npz";
-
-/// Which extractor.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum ExtractorKind {
-    /// A TorchScript module from `path`.
-    Torchscript,
-    /// A classifier trained here on the manifest's data.
-    #[default]
-    Classifier,
-}
-
-/// Parameters of an `fid-extractor` stage.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields, default)]
-pub struct ExtractorParams {
-    /// `classifier` (default) or `torchscript`.
-    pub extractor: ExtractorKind,
-    /// TorchScript: the module file, relative to the manifest.
-    pub path: Option<String>,
-    /// TorchScript: square input size (299 for InceptionV3).
-    pub size: usize,
-    /// Classifier: training steps.
-    pub steps: usize,
-    /// Classifier: images per training step; also the feature-extraction batch.
-    pub batch_size: usize,
-    /// Classifier: Adam learning rate.
-    pub lr: f64,
-    /// Classifier: feature dimension.
-    pub features: usize,
-    /// Classifier: `auto` (labels if the dataset has them, else rotations), `labels`, `rotation`.
-    pub target: Target,
-    /// Dataset images the reference statistics are computed over (all when absent).
-    pub reference_samples: Option<usize>,
-}
-
-impl Default for ExtractorParams {
-    fn default() -> Self {
-        ExtractorParams {
-            extractor: ExtractorKind::Classifier,
-            path: None,
-            size: INCEPTION_SIZE,
-            steps: 1000,
-            batch_size: 64,
-            lr: 1e-3,
-            features: 128,
-            target: Target::Auto,
-            reference_samples: None,
-        }
-    }
-}
-
-impl ExtractorParams {
-    /// Checks serde cannot express.
-    pub fn validate(&self) -> Vec<FieldError> {
-        let mut e = Vec::new();
-        if self.extractor == ExtractorKind::Torchscript && self.path.is_none() {
-            e.push(FieldError::at("path", "is required when `extractor` is `torchscript`"));
-        }
-        if self.extractor == ExtractorKind::Classifier && self.path.is_some() {
-            e.push(FieldError::at("path", "is only read when `extractor` is `torchscript`"));
-        }
-        for (name, v) in [("size", self.size), ("batch_size", self.batch_size)] {
-            if v == 0 {
-                e.push(FieldError::at(name, "must be at least 1, got 0"));
-            }
-        }
-        if self.extractor == ExtractorKind::Classifier {
-            for (name, v) in [("steps", self.steps), ("features", self.features)] {
-                if v == 0 {
-                    e.push(FieldError::at(name, "must be at least 1, got 0"));
-                }
-            }
-            if !(self.lr > 0.0 && self.lr.is_finite()) {
-                e.push(FieldError::at("lr", format!("must be positive, got {}", self.lr)));
-            }
-        }
-        if self.reference_samples.is_some_and(|n| n < 2) {
-            e.push(FieldError::at("reference_samples", "must be at least 2"));
-        }
-        e
-    }
-
-    /// The parameters that make the extractor and its statistics what they are (what the cache
-    /// key should hold): the TorchScript `path` is left out (its content digest is an input) and
-    /// so are the classifier's fields for a TorchScript extractor.
-    pub fn key_values(&self) -> serde_json::Value {
-        let mut v = serde_json::to_value(self).expect("parameters serialise");
-        let o = v.as_object_mut().expect("an object");
-        o.remove("path");
-        match self.extractor {
-            ExtractorKind::Torchscript => {
-                for f in ["steps", "lr", "features", "target"] {
-                    o.remove(f);
-                }
-            }
-            ExtractorKind::Classifier => {
-                o.remove("size");
-            }
-        }
-        v
-    }
-}
-
 /// Runs the stage: prepares the extractor and writes the dataset's reference statistics.
-pub fn run(
-    ctx: &StageContext,
-    params: &ExtractorParams,
-    data: &DataConfig,
-    manifest_dir: &Path,
-) -> anyhow::Result<()> {
+pub fn run(ctx: &StageContext, inputs: &FidExtractorInputs) -> anyhow::Result<()> {
+    let params = &inputs.stage.params();
     let device = parse_device(&ctx.device)?;
-    let dataset = data.open(manifest_dir).context("opening the dataset")?;
+    let data = inputs.at.data_config(inputs.data.as_ref())?;
+    let dataset = Dataset::open(&data, &inputs.at.dir).context("opening the dataset")?;
     let (c, h, w) = dataset.image_shape();
     let (spec, extractor) = match params.extractor {
         ExtractorKind::Torchscript => {
-            let rel = params.path.as_deref().context("`path` is required")?;
-            let src = manifest_dir.join(rel);
+            let src = inputs.at.file("path")?;
             let dst = ctx.out_dir.join(MODULE_FILE);
-            std::fs::copy(&src, &dst).with_context(|| format!("copying `{}`", src.display()))?;
+            std::fs::copy(src, &dst).with_context(|| format!("copying `{}`", src.display()))?;
             let spec = ExtractorSpec::Torchscript { size: params.size };
             (spec, Extractor::torchscript(&dst, params.size, device)?)
         }
         ExtractorKind::Classifier => {
             anyhow::ensure!(h == w, "the classifier extractor needs square images, got {h}x{w}");
-            let classifier = train_classifier(ctx, params, &dataset, device)?;
+            let seed = inputs.seed.context("a classifier extractor's inputs carry the seed")?;
+            let classifier = train_classifier(ctx, params, seed, &dataset, device)?;
             classifier.save(&ctx.out_dir.join(WEIGHTS_FILE))?;
             (
                 ExtractorSpec::Classifier(classifier.config().clone()),
@@ -178,7 +57,7 @@ pub fn run(
         let x = dataset.batch_unaugmented(&idx)?; // [B, C, H, W] in [-1, 1]
         features.push(extractor.features_batch(&to_uint8(&x))?);
     }
-    let stats = Statistics::from_features(&Tensor::cat(&features, 0))?;
+    let stats = statistics_from_features(&Tensor::cat(&features, 0))?;
     write_stats(&stats, &ctx.out_dir.join(REFERENCE_FILE))?;
     Ok(())
 }
@@ -191,6 +70,7 @@ pub fn to_uint8(x: &Tensor) -> Tensor {
 fn train_classifier(
     ctx: &StageContext,
     params: &ExtractorParams,
+    seed: u64,
     dataset: &Dataset,
     device: tch::Device,
 ) -> anyhow::Result<Classifier> {
@@ -222,17 +102,16 @@ fn train_classifier(
         target,
         train_accuracy: None,
     };
-    let mut classifier = {
-        let _rng = crate::train::TORCH_RNG.lock().unwrap_or_else(|e| e.into_inner());
-        tch::manual_seed(ctx.seed as i64);
-        Classifier::new(config, device)
-    };
+    // A stage instance owns its process (one job, one worker), so libtorch's global generator
+    // is its own to seed.
+    tch::manual_seed(seed as i64);
+    let mut classifier = Classifier::new(config, device);
     let len = dataset.len() as u64;
     let b = params.batch_size;
     let mut batch = |step: usize| -> anyhow::Result<(Tensor, Tensor)> {
         // A fixed pseudo-random walk over the dataset, a function of (seed, step) only.
         let idx: Vec<usize> = (0..b as u64)
-            .map(|i| (mix(ctx.seed ^ mix(step as u64 * b as u64 + i)) % len) as usize)
+            .map(|i| (mix(seed ^ mix(step as u64 * b as u64 + i)) % len) as usize)
             .collect();
         let x = dataset.batch_unaugmented(&idx)?;
         match target {

@@ -2,7 +2,7 @@
 
 use tch::{Device, Kind, Tensor};
 
-use super::FidError;
+use super::{FidError, Statistics};
 
 /// What pytorch-fid adds to both covariances' diagonals when the square root is not finite.
 pub const SQRTM_EPS: f64 = 1e-6;
@@ -11,73 +11,37 @@ pub const SQRTM_EPS: f64 = 1e-6;
 /// refused (pytorch-fid's `np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3)`).
 pub const MAX_IMAGINARY: f64 = 1e-3;
 
-/// Mean and covariance of `D`-dimensional features, in float64: pytorch-fid's `mu` and `sigma`.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Statistics {
-    /// `mean(act, 0)`, length `D`.
-    pub mu: Vec<f64>,
-    /// `cov(act, rowvar=False)` with ddof 1, `D x D` row-major.
-    pub sigma: Vec<f64>,
-}
-
-impl Statistics {
-    /// Statistics from the mean `mu` and the row-major covariance `sigma`; errors when `sigma`
-    /// is not `D x D` for `D = mu.len()`.
-    pub fn new(mu: Vec<f64>, sigma: Vec<f64>) -> Result<Statistics, FidError> {
-        if sigma.len() != mu.len() * mu.len() {
-            return Err(FidError::Shape(format!(
-                "`sigma` has {} entries, but `mu` has {} so it needs {}",
-                sigma.len(),
-                mu.len(),
-                mu.len() * mu.len()
-            )));
-        }
-        Ok(Statistics { mu, sigma })
+/// The statistics of features `[N, D]` (any float kind, any device): float64 mean and
+/// covariance with ddof 1, as pytorch-fid's `calculate_activation_statistics`.
+///
+/// # Shapes
+/// `features`: `[N, D]` with `N >= 2`.
+pub fn statistics_from_features(features: &Tensor) -> Result<Statistics, FidError> {
+    let size = features.size();
+    let [n, _d] = size[..] else {
+        return Err(FidError::Shape(format!("features must be [N, D], got {size:?}")));
+    };
+    if n < 2 {
+        return Err(FidError::Shape(format!(
+            "a covariance needs at least 2 feature vectors, got {n}"
+        )));
     }
-
-    /// The statistics of features `[N, D]` (any float kind, any device): float64 mean and
-    /// covariance with ddof 1, as pytorch-fid's `calculate_activation_statistics`.
-    ///
-    /// # Shapes
-    /// `features`: `[N, D]` with `N >= 2`.
-    pub fn from_features(features: &Tensor) -> Result<Statistics, FidError> {
-        let size = features.size();
-        let [n, _d] = size[..] else {
-            return Err(FidError::Shape(format!("features must be [N, D], got {size:?}")));
-        };
-        if n < 2 {
-            return Err(FidError::Shape(format!(
-                "a covariance needs at least 2 feature vectors, got {n}"
-            )));
-        }
-        let _guard = tch::no_grad_guard();
-        let x = features.to_kind(Kind::Double); // [N, D]
-        let mu = x.mean_dim(0, false, Kind::Double); // [D]
-        let centred = &x - mu.unsqueeze(0); // [N, D]
-        let sigma = centred.tr().matmul(&centred) / (n - 1) as f64; // [D, D]
-        Ok(Statistics { mu: to_vec(&mu), sigma: to_vec(&sigma) })
-    }
-
-    /// Feature dimension `D`.
-    pub fn dim(&self) -> usize {
-        self.mu.len()
-    }
-
-    /// `sigma` as a float64 `[D, D]` tensor on the CPU.
-    pub fn sigma_tensor(&self) -> Tensor {
-        let d = self.dim() as i64;
-        Tensor::from_slice(&self.sigma).view([d, d])
-    }
-
-    /// `mu` as a float64 `[D]` tensor on the CPU.
-    pub fn mu_tensor(&self) -> Tensor {
-        Tensor::from_slice(&self.mu)
-    }
+    let _guard = tch::no_grad_guard();
+    let x = features.to_kind(Kind::Double); // [N, D]
+    let mu = x.mean_dim(0, false, Kind::Double); // [D]
+    let centred = &x - mu.unsqueeze(0); // [N, D]
+    let sigma = centred.tr().matmul(&centred) / (n - 1) as f64; // [D, D]
+    Ok(Statistics { mu: to_vec(&mu), sigma: to_vec(&sigma) })
 }
 
 fn to_vec(t: &Tensor) -> Vec<f64> {
     let t = t.to_device(Device::Cpu).to_kind(Kind::Double).contiguous().view([-1]);
     Vec::<f64>::try_from(&t).expect("a float64 CPU tensor converts to Vec<f64>")
+}
+
+fn sigma_tensor(s: &Statistics) -> Tensor {
+    let d = s.dim() as i64;
+    Tensor::from_slice(&s.sigma).view([d, d])
 }
 
 /// The trace of `sqrtm(s1 s2)`, computed as `tr sqrt(sqrt(s1) s2 sqrt(s1))` by two symmetric
@@ -134,7 +98,7 @@ pub fn frechet_distance_with(
     let _guard = tch::no_grad_guard();
     let diff: f64 = a.mu.iter().zip(&b.mu).map(|(x, y)| (x - y) * (x - y)).sum();
     let trace = |s: &Statistics| (0..s.dim()).map(|i| s.sigma[i * s.dim() + i]).sum::<f64>();
-    let (s1, s2) = (a.sigma_tensor(), b.sigma_tensor());
+    let (s1, s2) = (sigma_tensor(a), sigma_tensor(b));
     let with_eps = || {
         let offset = Tensor::eye(a.dim() as i64, (Kind::Double, Device::Cpu)) * SQRTM_EPS;
         trace_sqrt_product(&(&s1 + &offset), &(&s2 + &offset))

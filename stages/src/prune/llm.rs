@@ -100,7 +100,7 @@ pub fn run(env: &SearchEnv<'_>, p: &LlmParams, bank_out: &Path) -> anyhow::Resul
                 "fewer plans than asked: filling with mutations of the best plans"
             );
             let mut rng = ChaCha8Rng::seed_from_u64(sub_seed(
-                env.ctx.seed,
+                env.rng_seed,
                 env.group.index,
                 200 + round as u64,
             ));

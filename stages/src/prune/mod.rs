@@ -18,21 +18,11 @@
 pub mod budget;
 pub mod importance;
 pub mod llm;
-pub mod params;
 pub mod search;
 pub mod stage;
 pub mod structure;
 
-pub use params::{ProxyParams, PruneParams};
-pub use stage::{PruneInputs, PruneReport, run};
+pub use progdiff_kinds::prune::{BANK_FILE, KIND, PruneInputs, REPORT_FILE, VERSION, params};
+pub use progdiff_kinds::prune::{ProxyParams, PruneParams, SeedRef};
+pub use stage::{PruneReport, run};
 pub use structure::{Plan, Structure, Unit, UnitKind};
-
-/// Stage kind name.
-pub const KIND: &str = "prune";
-/// Implementation version: bump when pruning results would change (2: every proxy outputs
-/// `bank.json`, with the group).
-pub const VERSION: u32 = 2;
-/// Output: the report.
-pub const REPORT_FILE: &str = "report.json";
-/// Output: the final memory bank (one entry for the importance proxies).
-pub const BANK_FILE: &str = "bank.json";

@@ -131,6 +131,8 @@ pub struct SearchEnv<'a> {
     pub bound: u64,
     /// The bank the search starts from (`seed_bank`), if any.
     pub seed: Option<&'a BankFile>,
+    /// The manifest's `seed:` (random draws).
+    pub rng_seed: u64,
 }
 
 /// The side-store directory of a memory-bank search's banks; `params_key` is the proxy's settings
@@ -149,7 +151,7 @@ pub(super) fn bank_dir(
     h.update(serde_json::to_string(&env.base.arch)?.as_bytes());
     h.update(serde_json::to_string(env.group)?.as_bytes());
     h.update(&env.bound.to_le_bytes());
-    h.update(&env.ctx.seed.to_le_bytes());
+    h.update(&env.rng_seed.to_le_bytes());
     for t in [&env.batch.x0, &env.batch.t, &env.batch.noise] {
         h.update(&tensor_bytes(t));
     }
@@ -233,7 +235,7 @@ pub fn run(
         env.ctx.cancel.check()?;
         let round = bank.rounds + 1;
         let mut rng =
-            ChaCha8Rng::seed_from_u64(sub_seed(env.ctx.seed, env.group.index, 100 + round as u64));
+            ChaCha8Rng::seed_from_u64(sub_seed(env.rng_seed, env.group.index, 100 + round as u64));
         let parents: Vec<Plan> = if bank.entries.is_empty() {
             vec![greedy.clone()]
         } else {

@@ -1,7 +1,5 @@
 //! The `prune` stage: one group's copy of the base model, pruned to the group's FLOPs bound.
 
-use std::path::Path;
-
 use anyhow::{Context as _, bail};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -12,7 +10,7 @@ use crate::checkpoint::Checkpoint;
 use crate::config::DiffusionConfig;
 use crate::context::StageContext;
 use crate::cost::{Cost, cost};
-use crate::data::{DataConfig, sample_indices};
+use crate::data::{Dataset, sample_indices};
 use crate::diffusion::GaussianDiffusion;
 use crate::schedule::ScheduleTable;
 use crate::train::{EMA_FILE, InitFrom, MODEL_FILE, parse_device};
@@ -20,21 +18,11 @@ use crate::train::{EMA_FILE, InitFrom, MODEL_FILE, parse_device};
 use super::budget::{ScorePriority, fit};
 use super::importance::{self, LossBatch};
 use super::params::{ProxyParams, PruneParams, SeedRef};
+use super::PruneInputs;
 use super::search::{Bank, BankEntry, BankFile};
 use super::structure::{Plan, Scores, Structure, UnitKind};
 use super::{BANK_FILE, REPORT_FILE};
 use super::{llm, search};
-
-/// Everything outside the stage's own parameters that pruning reads.
-#[derive(Clone, Copy, Debug)]
-pub struct PruneInputs<'a> {
-    /// `data:` (the loss batch's images).
-    pub data: &'a DataConfig,
-    /// `diffusion:`.
-    pub diffusion: &'a DiffusionConfig,
-    /// Directory relative data paths resolve against.
-    pub manifest_dir: &'a Path,
-}
 
 /// One unit's widths in the report.
 #[derive(Clone, Debug, Serialize)]
@@ -217,13 +205,12 @@ fn seed_bank(ctx: &StageContext, r: &SeedRef) -> anyhow::Result<BankFile> {
 }
 
 /// Runs the stage.
-pub fn run(
-    ctx: &StageContext,
-    params: &PruneParams,
-    inputs: &PruneInputs<'_>,
-) -> anyhow::Result<()> {
+pub fn run(ctx: &StageContext, inputs: &PruneInputs) -> anyhow::Result<()> {
+    let params = &inputs.stage;
+    let rng_seed = inputs.seed;
+    let process = inputs.diffusion.config();
     let device = parse_device(&ctx.device)?;
-    let group = group_of(ctx, params, inputs.diffusion)?;
+    let group = group_of(ctx, params, &process)?;
     let seed_ref =
         params.seed_bank.as_deref().map(SeedRef::parse).transpose().map_err(anyhow::Error::msg)?;
     let seed = seed_ref.as_ref().map(|r| seed_bank(ctx, r)).transpose()?;
@@ -232,7 +219,8 @@ pub fn run(
     let base_cost = cost(&base.arch);
     let bound = (group.flops_bound * base_cost.macs as f64).floor() as u64;
 
-    let dataset = inputs.data.open(inputs.manifest_dir).context("opening the dataset")?;
+    let data = inputs.at.data_config(inputs.data.as_ref())?;
+    let dataset = Dataset::open(&data, &inputs.at.dir).context("opening the dataset")?;
     let (c, h, w) = dataset.image_shape();
     let m = &base.arch.config;
     if c != m.in_channels || h != m.image_size || w != m.image_size {
@@ -243,11 +231,11 @@ pub fn run(
             m.image_size
         );
     }
-    let mut rng = ChaCha8Rng::seed_from_u64(sub_seed(ctx.seed, group.index, 0));
+    let mut rng = ChaCha8Rng::seed_from_u64(sub_seed(rng_seed, group.index, 0));
     let x0 =
         dataset.batch_unaugmented(&sample_indices(&mut rng, dataset.len(), params.batch_size))?;
-    let diffusion = GaussianDiffusion::from_config(inputs.diffusion, m.learn_sigma)?;
-    let batch = LossBatch::new(x0, &group.timesteps, sub_seed(ctx.seed, group.index, 1), device);
+    let diffusion = GaussianDiffusion::from_config(&process, m.learn_sigma)?;
+    let batch = LossBatch::new(x0, &group.timesteps, sub_seed(rng_seed, group.index, 1), device);
 
     let mut timesteps_used = None;
     let importance_plan = |scores: &Scores| -> anyhow::Result<Plan> {
@@ -262,10 +250,11 @@ pub fn run(
         group: &group,
         bound,
         seed: seed.as_ref(),
+        rng_seed,
     };
     let (plan, scores) = match &params.proxy {
         ProxyParams::Random(_) => {
-            let s = importance::random(&structure, sub_seed(ctx.seed, group.index, 2));
+            let s = importance::random(&structure, sub_seed(rng_seed, group.index, 2));
             (importance_plan(&s)?, s)
         }
         ProxyParams::Magnitude(_) => {

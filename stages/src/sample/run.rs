@@ -1,11 +1,10 @@
 //! The sampling loop over batches: noise per image, model per step, progress and cancellation.
 
-use indicatif::{ProgressBar, ProgressStyle};
 use tch::{Device, Kind, Tensor};
 
 use super::noise::ImageNoise;
 use super::{ModelSet, SampleError};
-use crate::context::CancelToken;
+use crate::context::{CancelToken, Reporter};
 use crate::diffusion::{GaussianDiffusion, NoiseSource, SampleOptions, Sampler, to_uint8_images};
 
 /// What to sample and how.
@@ -24,15 +23,15 @@ pub struct SampleConfig {
     pub device: Device,
     /// Ancestral or DDIM, and `clip_denoised`.
     pub options: SampleOptions,
-    /// Draw a progress bar over images on stderr (hidden anyway when stderr is not a terminal).
-    pub progress: bool,
+    /// Where progress over images goes.
+    pub report: Reporter,
     /// Checked before every step; a cancelled run stops with [`SampleError::Interrupted`].
     pub cancel: CancelToken,
 }
 
 impl SampleConfig {
     /// `n` images of `seed` from image 0, in batches of 64, on the CPU, ancestral sampling with
-    /// `clip_denoised`, no progress bar, never cancelled.
+    /// `clip_denoised`, no progress reports, never cancelled.
     pub fn new(n: usize, seed: u64) -> Self {
         SampleConfig {
             n,
@@ -41,7 +40,7 @@ impl SampleConfig {
             first: 0,
             device: Device::Cpu,
             options: SampleOptions::default(),
-            progress: false,
+            report: Reporter::none(),
             cancel: CancelToken::new(),
         }
     }
@@ -96,7 +95,6 @@ pub fn sample_batches(
         return Err(SampleError::ZeroBatch);
     }
     let _no_grad = tch::no_grad_guard();
-    let bar = progress_bar(cfg);
     let total = diffusion.num_timesteps();
     // Entry i: the model called at process timestep i (usize::MAX until it runs).
     let mut recorded = vec![usize::MAX; total];
@@ -122,29 +120,19 @@ pub fn sample_batches(
                 }
             };
             x = step.sample;
-            bar.set_message(format!("step {}/{total}", done + 1));
+            cfg.report.progress(start as u64, cfg.n as u64, "images", || {
+                format!("step {}/{total}", done + 1)
+            });
         }
         let images = to_uint8_images(&x).to_device(Device::Cpu);
         on_batch(first, &images)?;
-        bar.inc(b as u64);
         start += b;
+        cfg.report.progress(start as u64, cfg.n as u64, "images", String::new);
     }
-    bar.finish_and_clear();
     if cfg.n == 0 {
         return models.models_per_step(diffusion);
     }
     Ok(recorded)
-}
-
-fn progress_bar(cfg: &SampleConfig) -> ProgressBar {
-    if !cfg.progress {
-        return ProgressBar::hidden();
-    }
-    let style = ProgressStyle::with_template(
-        "sampling {bar:30} {pos}/{len} images [{elapsed_precise}, eta {eta}] {msg}",
-    )
-    .expect("a valid progress template");
-    ProgressBar::new(cfg.n as u64).with_style(style)
 }
 
 /// Parses a stage context's device string: `cpu`, `cuda` (GPU 0) or `cuda:N`.

@@ -1,0 +1,105 @@
+//! Each stage kind's `run`, and the dispatcher the worker calls.
+//!
+//! A kind's `run` receives its [`StageKind::Inputs`] — exactly what its cache key was computed
+//! from — and a [`StageContext`] (upstream outputs, output and work directories, device,
+//! cancellation, progress). Nothing else of the manifest reaches it.
+
+use progdiff_kinds::allocate::SnrAllocate;
+use progdiff_kinds::command::Command;
+use progdiff_kinds::evaluate::Evaluate;
+use progdiff_kinds::fid_extractor::FidExtractor;
+use progdiff_kinds::import::Import;
+use progdiff_kinds::kind::{StageKind, canonical_inputs};
+use progdiff_kinds::prune::Prune;
+use progdiff_kinds::train::Train;
+use serde_json::Value;
+
+use crate::context::StageContext;
+
+/// A stage kind's work.
+pub trait Run: StageKind {
+    /// Runs one instance: reads upstream outputs from `ctx.inputs`, writes outputs into
+    /// `ctx.out_dir`.
+    fn run(ctx: &StageContext, inputs: &Self::Inputs) -> anyhow::Result<()>;
+}
+
+impl Run for Train {
+    fn run(ctx: &StageContext, inputs: &Self::Inputs) -> anyhow::Result<()> {
+        crate::train::run(ctx, inputs)
+    }
+}
+
+impl Run for SnrAllocate {
+    fn run(ctx: &StageContext, inputs: &Self::Inputs) -> anyhow::Result<()> {
+        crate::allocate::run(ctx, inputs)
+    }
+}
+
+impl Run for Import {
+    fn run(ctx: &StageContext, inputs: &Self::Inputs) -> anyhow::Result<()> {
+        crate::import::run(ctx, inputs)
+    }
+}
+
+impl Run for Command {
+    fn run(ctx: &StageContext, inputs: &Self::Inputs) -> anyhow::Result<()> {
+        crate::command::run(ctx, inputs)
+    }
+}
+
+impl Run for Evaluate {
+    fn run(ctx: &StageContext, inputs: &Self::Inputs) -> anyhow::Result<()> {
+        crate::evaluate::run(ctx, inputs)
+    }
+}
+
+impl Run for FidExtractor {
+    fn run(ctx: &StageContext, inputs: &Self::Inputs) -> anyhow::Result<()> {
+        crate::fid::stage::run(ctx, inputs)
+    }
+}
+
+impl Run for Prune {
+    fn run(ctx: &StageContext, inputs: &Self::Inputs) -> anyhow::Result<()> {
+        crate::prune::run(ctx, inputs)
+    }
+}
+
+/// A job's inputs, checked against their kind and ready to run.
+pub struct Prepared {
+    /// The kind's implementation version.
+    pub version: u32,
+    /// The inputs in canonical form: parsed as the kind's inputs and serialised again. The key
+    /// is computed from this value, and `run` receives exactly it.
+    pub inputs: Value,
+    run: Box<dyn FnOnce(&StageContext) -> anyhow::Result<()>>,
+}
+
+impl Prepared {
+    /// Runs the stage.
+    pub fn run(self, ctx: &StageContext) -> anyhow::Result<()> {
+        (self.run)(ctx)
+    }
+}
+
+/// Parses `inputs` as the inputs of kind `kind`; errors for an unknown kind or inputs that are
+/// not that kind's.
+pub fn prepare(kind: &str, inputs: &Value) -> anyhow::Result<Prepared> {
+    fn typed<K: Run>(inputs: &Value) -> anyhow::Result<Prepared> {
+        let (typed, value) = canonical_inputs::<K>(inputs).map_err(anyhow::Error::msg)?;
+        Ok(Prepared {
+            version: K::VERSION,
+            inputs: value,
+            run: Box::new(move |ctx| K::run(ctx, &typed)),
+        })
+    }
+    macro_rules! dispatch {
+        ($($k:path),* $(,)?) => {
+            $(if kind == <$k as StageKind>::KIND {
+                return typed::<$k>(inputs);
+            })*
+        };
+    }
+    progdiff_kinds::for_each_kind!(dispatch);
+    anyhow::bail!("unknown stage kind `{kind}`")
+}
