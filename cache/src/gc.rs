@@ -64,7 +64,7 @@ pub struct GcReport {
 
 impl Cache {
     /// Removes records whose key is not in `keep`, objects no remaining record references,
-    /// work areas and lock files of keys not kept, and stale temp entries. Nothing held by a
+    /// work areas, job descriptions, logs and lock files of keys not kept, and stale temp entries. Nothing held by a
     /// running stage is removed. Refs are not touched.
     pub fn gc(&self, keep: &BTreeSet<Digest>, dry_run: bool) -> Result<GcReport> {
         self.gc_with(keep, &GcOptions { dry_run, ..GcOptions::default() })
@@ -84,6 +84,8 @@ impl Cache {
         let locked_before: BTreeSet<Digest> = locks.iter().map(|(k, _)| *k).collect();
         let mut keys: BTreeSet<Digest> = records.iter().map(|(k, _)| *k).collect();
         keys.extend(locked_before.iter().copied());
+        keys.extend(scan_sharded(&self.dir("jobs"), ".json")?.0.into_iter().map(|(k, _)| k));
+        keys.extend(scan_sharded(&self.dir("logs"), ".log")?.0.into_iter().map(|(k, _)| k));
         keys.extend(
             read_dir_sorted(&self.dir("work"))?
                 .iter()
@@ -126,6 +128,14 @@ impl Cache {
                 report.bytes_freed += disk_size(&work);
                 if !dry_run {
                     remove_path(&work)?;
+                }
+            }
+            for path in [self.job_path(&key), self.log_path(&key)] {
+                if path.exists() {
+                    report.bytes_freed += disk_size(&path);
+                    if !dry_run {
+                        remove_path(&path)?;
+                    }
                 }
             }
             if CAN_REMOVE_LOCK_FILES {

@@ -20,6 +20,8 @@
 //! <root>/v1/work/<key>/                  a stage's resume state; survives crashes
 //! <root>/v1/tmp/                         temp files and staging dirs before publication
 //! <root>/v1/index/files.json             memo of external file digests
+//! <root>/v1/jobs/ab/<key>.json           job descriptions (what a worker runs)
+//! <root>/v1/logs/ab/<key>.log            worker logs, every attempt appended
 //! ```
 //!
 //! Objects keep their full digest as file name (not git's 62-character tail) so a digest
@@ -77,6 +79,7 @@ mod digest;
 mod error;
 mod file_index;
 mod gc;
+mod jobs;
 mod lock;
 mod object;
 mod record;

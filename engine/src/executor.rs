@@ -1,23 +1,37 @@
-//! Running a plan: instances in topological order, independent ones concurrently (up to
-//! `jobs`), each on a device from a pool; a failure stops its dependents while unrelated stages
-//! finish; Ctrl-C stops launching, asks running stages to stop, and leaves the cache consistent
-//! (results are published atomically, or not at all).
+//! Running a plan with the local backend: one worker process per running stage instance.
 //!
-//! Each instance is self-contained — inputs are read from the cache by key, outputs published to
-//! it — so the per-instance function [`execute`] is what a cluster backend would run remotely.
-//! Two `progdiff run` processes sharing a cache never compute the same key twice: an instance
-//! takes the key's lock, re-checks the record, and only then runs.
+//! Instances start in topological order, independent ones concurrently (up to `jobs`), each on
+//! a device from a pool; a failure stops its dependents while unrelated instances finish.
+//! Instances the cache already holds are hits without a worker. For the others the coordinator
+//! writes the [`Job`] into the cache and starts `progdiff-worker exec <job.json>` in a process
+//! group of its own, with its device (`CUDA_VISIBLE_DEVICES` for a GPU) and thread count; the
+//! worker's stderr (its log) goes to the job's log file in the cache, its stdout carries
+//! [`Event`]s as JSON lines, which drive one progress bar per running job (plain lines when
+//! stderr is not a terminal).
+//!
+//! A worker that dies — SIGKILL, a segfault, an abort in libtorch, CUDA running out of memory —
+//! fails only its instance: nothing is published for it (the worker publishes the record last),
+//! its siblings go on, and the summary names the signal or exit code, the last lines of its log
+//! and the log's path. Ctrl-C forwards SIGINT to every worker's process group (training saves
+//! its resume state and stops); a second Ctrl-C kills them.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
+use std::os::unix::process::{CommandExt as _, ExitStatusExt as _};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
-use std::time::{Duration, Instant, SystemTime};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use progdiff_cache::{Cache, RecordMeta, StageRecord};
-use progdiff_stages::context::{CancelToken, StageContext, UpstreamOutputs};
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use progdiff_cache::Cache;
+use progdiff_kinds::context::{CancelToken, Event};
 use serde::Serialize;
 
-use crate::manifest::Manifest;
+use crate::job::{JOB_FORMAT, Job, Upstream, complete_record, outputs_of};
 use crate::plan::{Plan, PlannedStage};
 
 /// How to run.
@@ -27,14 +41,12 @@ pub struct RunOptions {
     pub jobs: usize,
     /// Device pool: `cpu` (shared by all jobs) and/or `cuda:N` (one instance at a time each).
     pub devices: Vec<String>,
-    /// Draw progress bars.
+    /// Draw progress bars (stderr is a terminal).
     pub progress: bool,
-}
-
-impl Default for RunOptions {
-    fn default() -> Self {
-        RunOptions { jobs: 1, devices: vec!["cpu".into()], progress: false }
-    }
+    /// Intra-op threads of each worker.
+    pub threads: usize,
+    /// The worker binary.
+    pub worker: PathBuf,
 }
 
 /// What happened to one instance.
@@ -71,9 +83,13 @@ pub struct StageOutcome {
     pub device: Option<String>,
     /// Output name -> path of the cached file.
     pub outputs: BTreeMap<String, PathBuf>,
-    /// The error, for failures.
+    /// The error, for failures: what the worker reported, or how it died, with the last lines
+    /// of its log.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The worker's log, for instances that ran (kept after failures).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log: Option<PathBuf>,
     /// The sweep variants the instance belongs to (empty without a sweep).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub variants: Vec<String>,
@@ -104,6 +120,26 @@ impl RunSummary {
     }
 }
 
+/// Process groups of the running workers, shared with a Ctrl-C handler so that a second
+/// Ctrl-C can kill them before the coordinator exits.
+#[derive(Clone, Debug, Default)]
+pub struct Workers(Arc<Mutex<Vec<i32>>>);
+
+impl Workers {
+    /// Sends `signal` to every running worker's process group.
+    pub fn signal_all(&self, signal: Signal) {
+        for &pgid in self.0.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            let _ = killpg(Pid::from_raw(pgid), signal);
+        }
+    }
+    fn add(&self, pgid: i32) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).push(pgid);
+    }
+    fn remove(&self, pgid: i32) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).retain(|&p| p != pgid);
+    }
+}
+
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum State {
     Pending,
@@ -112,13 +148,48 @@ enum State {
     Failed,
 }
 
+/// A message from a worker's stdout reader.
+enum Msg {
+    Event(Event),
+    /// A line that is not an event (printed to the log as well, by the worker).
+    Text(String),
+    Eof,
+}
+
+/// A running worker.
+struct Running {
+    child: Child,
+    device: String,
+    started: Instant,
+    log: PathBuf,
+    bar: Option<ProgressBar>,
+    done: Option<Event>,
+    last_line: Instant,
+}
+
+/// Coordinator output beside the bars: through the bars when they are drawn.
+struct Printer {
+    multi: Option<MultiProgress>,
+}
+
+impl Printer {
+    fn line(&self, text: &str) {
+        match &self.multi {
+            Some(m) => {
+                let _ = m.println(text);
+            }
+            None => eprintln!("{text}"),
+        }
+    }
+}
+
 /// Runs `plan` to completion (or interruption) and returns the summary.
 pub fn run(
-    variants: &[Manifest],
     plan: &Plan,
     cache: &Cache,
     opts: &RunOptions,
     cancel: &CancelToken,
+    workers: &Workers,
 ) -> RunSummary {
     let n = plan.stages.len();
     let index: BTreeMap<&str, usize> =
@@ -131,67 +202,172 @@ pub fn run(
     // Device slots: cpu is shared by every job, each GPU takes one instance at a time.
     let mut free: Vec<(String, usize)> =
         opts.devices.iter().map(|d| (d.clone(), if d == "cpu" { jobs } else { 1 })).collect();
-    let mut running = 0usize;
-    let (tx, rx) = mpsc::channel::<(usize, String, StageOutcome)>();
+    let mut running: BTreeMap<usize, Running> = BTreeMap::new();
+    let (tx, rx) = mpsc::channel::<(usize, Msg)>();
+    let printer = Printer {
+        multi: opts.progress.then(|| MultiProgress::with_draw_target(ProgressDrawTarget::stderr())),
+    };
+    let width = plan.stages.iter().map(|s| s.id.len()).max().unwrap_or(0).min(40);
+    let mut signalled = false;
 
-    std::thread::scope(|scope| {
-        loop {
-            // Launch what is ready, in plan order, while there is room.
-            if !cancel.is_cancelled() {
-                for i in 0..n {
-                    if running >= jobs {
-                        break;
-                    }
-                    if state[i] != State::Pending
-                        || !deps[i].iter().all(|&d| state[d] == State::Done)
-                    {
+    loop {
+        // Launch what is ready, in plan order, while there is room.
+        if !cancel.is_cancelled() {
+            for i in 0..n {
+                if running.len() >= jobs {
+                    break;
+                }
+                if state[i] != State::Pending || !deps[i].iter().all(|&d| state[d] == State::Done)
+                {
+                    continue;
+                }
+                let stage = &plan.stages[i];
+                // Hits need no worker.
+                match complete_record(cache, &stage.key) {
+                    Ok(Some(record)) => {
+                        let outputs = outputs_of(cache, &record);
+                        set_refs(cache, stage);
+                        outcomes[i] = Some(outcome(stage, RunStatus::Hit, outputs));
+                        state[i] = State::Done;
                         continue;
                     }
-                    let Some(slot) = free.iter_mut().find(|(_, c)| *c > 0) else { break };
-                    slot.1 -= 1;
-                    let device = slot.0.clone();
-                    state[i] = State::Running;
-                    running += 1;
-                    let inputs: Vec<&PlannedStage> =
-                        deps[i].iter().map(|&d| &plan.stages[d]).collect();
-                    let input_outputs: Vec<BTreeMap<String, PathBuf>> = deps[i]
-                        .iter()
-                        .map(|&d| {
-                            outcomes[d].as_ref().map(|o| o.outputs.clone()).unwrap_or_default()
-                        })
-                        .collect();
-                    let tx = tx.clone();
-                    let stage = &plan.stages[i];
-                    scope.spawn(move || {
-                        let outcome = execute(
-                            &variants[stage.source],
-                            stage,
-                            &inputs,
-                            &input_outputs,
-                            cache,
-                            &device,
-                            opts,
-                            cancel,
+                    Ok(None) => {}
+                    Err(e) => {
+                        let mut o = outcome(stage, RunStatus::Failed, BTreeMap::new());
+                        o.error = Some(format!("reading the cache: {e:#}"));
+                        outcomes[i] = Some(o);
+                        state[i] = State::Failed;
+                        continue;
+                    }
+                }
+                let Some(slot) = free.iter_mut().find(|(_, c)| *c > 0) else { break };
+                slot.1 -= 1;
+                let device = slot.0.clone();
+                let job = job_for(stage, &deps[i], plan, cache, &device, opts);
+                match spawn(&job, cache, opts, &device, i, tx.clone()) {
+                    Ok((child, log)) => {
+                        workers.add(child.id() as i32);
+                        let bar = printer.multi.as_ref().map(|m| {
+                            let bar = m.add(ProgressBar::new(0));
+                            bar.set_style(bar_style(width));
+                            bar.set_prefix(stage.id.clone());
+                            bar.set_message(format!("starting on {device}"));
+                            bar
+                        });
+                        if bar.is_none() {
+                            tracing::info!("{}: running on {device}", stage.id);
+                        }
+                        running.insert(
+                            i,
+                            Running {
+                                child,
+                                device,
+                                started: Instant::now(),
+                                log,
+                                bar,
+                                done: None,
+                                last_line: Instant::now(),
+                            },
                         );
-                        let _ = tx.send((i, device, outcome));
-                    });
+                        state[i] = State::Running;
+                    }
+                    Err(e) => {
+                        if let Some(slot) = free.iter_mut().find(|(d, _)| *d == device) {
+                            slot.1 += 1;
+                        }
+                        let mut o = outcome(stage, RunStatus::Failed, BTreeMap::new());
+                        o.error = Some(format!("{e:#}"));
+                        outcomes[i] = Some(o);
+                        state[i] = State::Failed;
+                    }
                 }
             }
-            if running == 0 {
-                break;
-            }
-            let Ok((i, device, outcome)) = rx.recv() else { break };
-            running -= 1;
-            if let Some(slot) = free.iter_mut().find(|(d, _)| *d == device) {
-                slot.1 += 1;
-            }
-            state[i] = match outcome.status {
-                RunStatus::Hit | RunStatus::Ran => State::Done,
-                _ => State::Failed,
-            };
-            outcomes[i] = Some(outcome);
         }
-    });
+        if running.is_empty() {
+            break;
+        }
+        if cancel.is_cancelled() && !signalled {
+            // Forward Ctrl-C: each worker stops at its next safe point (training saves its
+            // resume state) and publishes nothing.
+            workers.signal_all(Signal::SIGINT);
+            signalled = true;
+        }
+        let (i, msg) = match rx.recv_timeout(Duration::from_millis(100)) {
+            Ok(m) => m,
+            Err(mpsc::RecvTimeoutError::Timeout) => continue,
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        };
+        let stage = &plan.stages[i];
+        match msg {
+            Msg::Event(event) => {
+                let Some(r) = running.get_mut(&i) else { continue };
+                match &event {
+                    Event::Progress { pos, len, unit, message } => match &r.bar {
+                        Some(bar) => {
+                            if bar.length() != Some(*len) {
+                                bar.set_length(*len);
+                                bar.set_style(counted_style(width, unit));
+                            }
+                            bar.set_position(*pos);
+                            bar.set_message(message.clone());
+                        }
+                        None => {
+                            if r.last_line.elapsed() >= Duration::from_secs(30) {
+                                r.last_line = Instant::now();
+                                tracing::info!("{}: {pos}/{len} {unit} {message}", stage.id);
+                            }
+                        }
+                    },
+                    Event::Message { level, text } => {
+                        printer.line(&format!("{} {level}: {text}", stage.id));
+                    }
+                    Event::Metrics { .. } => {}
+                    Event::Done { .. } => r.done = Some(event),
+                }
+            }
+            Msg::Text(line) => {
+                tracing::debug!("{}: {line}", stage.id);
+            }
+            Msg::Eof => {
+                let Some(mut r) = running.remove(&i) else { continue };
+                let status = r.child.wait();
+                workers.remove(r.child.id() as i32);
+                if let Some(bar) = &r.bar {
+                    bar.finish_and_clear();
+                    if let Some(m) = &printer.multi {
+                        m.remove(bar);
+                    }
+                }
+                if let Some(slot) = free.iter_mut().find(|(d, _)| *d == r.device) {
+                    slot.1 += 1;
+                }
+                let o = finish(stage, &mut r, status, cancel, cache);
+                let line = match o.status {
+                    RunStatus::Ran => format!("{}: ran in {:.1}s", stage.id, o.seconds),
+                    RunStatus::Hit => format!("{}: found in the cache", stage.id),
+                    RunStatus::Failed => format!(
+                        "{}: FAILED: {}",
+                        stage.id,
+                        o.error.as_deref().and_then(|e| e.lines().next()).unwrap_or("")
+                    ),
+                    RunStatus::Skipped => format!("{}: interrupted", stage.id),
+                };
+                if printer.multi.is_some() {
+                    printer.line(&line);
+                } else {
+                    tracing::info!("{line}");
+                }
+                state[i] = match o.status {
+                    RunStatus::Hit | RunStatus::Ran => State::Done,
+                    _ => State::Failed,
+                };
+                outcomes[i] = Some(o);
+            }
+        }
+    }
+    if let Some(m) = &printer.multi {
+        let _ = m.clear();
+    }
 
     let interrupted = cancel.is_cancelled();
     let stages: Vec<StageOutcome> = (0..n)
@@ -207,18 +383,9 @@ pub fn run(
                     None if interrupted => "interrupted".to_string(),
                     None => "not reached".to_string(),
                 };
-                StageOutcome {
-                    id: s.id.clone(),
-                    kind: s.kind.clone(),
-                    key: s.key.to_string(),
-                    status: RunStatus::Skipped,
-                    reasons: vec![reason],
-                    seconds: 0.0,
-                    device: None,
-                    outputs: BTreeMap::new(),
-                    error: None,
-                    variants: s.variants.clone(),
-                }
+                let mut o = outcome(s, RunStatus::Skipped, BTreeMap::new());
+                o.reasons = vec![reason];
+                o
             })
         })
         .collect();
@@ -231,160 +398,207 @@ pub fn run(
     RunSummary { manifest: plan.manifest.clone(), stages, counts, interrupted }
 }
 
-fn outputs_of(cache: &Cache, record: &StageRecord) -> BTreeMap<String, PathBuf> {
-    record.outputs.iter().map(|(k, o)| (k.clone(), cache.object_path(&o.digest))).collect()
-}
-
-/// Runs one instance: hit if the cache has it; otherwise lock the key, re-check, run into a
-/// staging directory, publish outputs and the record atomically.
-#[allow(clippy::too_many_arguments)]
-pub fn execute(
-    m: &Manifest,
-    stage: &PlannedStage,
-    inputs: &[&PlannedStage],
-    input_outputs: &[BTreeMap<String, PathBuf>],
-    cache: &Cache,
-    device: &str,
-    opts: &RunOptions,
-    cancel: &CancelToken,
-) -> StageOutcome {
-    let mut outcome = StageOutcome {
+fn outcome(stage: &PlannedStage, status: RunStatus, outputs: BTreeMap<String, PathBuf>) -> StageOutcome {
+    StageOutcome {
         id: stage.id.clone(),
         kind: stage.kind.clone(),
         key: stage.key.to_string(),
-        status: RunStatus::Failed,
-        reasons: stage.reasons.clone(),
+        status,
+        reasons: if status == RunStatus::Hit { Vec::new() } else { stage.reasons.clone() },
         seconds: 0.0,
         device: None,
-        outputs: BTreeMap::new(),
+        outputs,
         error: None,
+        log: None,
         variants: stage.variants.clone(),
-    };
-    let start = Instant::now();
-    match execute_inner(m, stage, inputs, input_outputs, cache, device, opts, cancel) {
-        Ok((status, outputs)) => {
-            outcome.status = status;
-            outcome.outputs = outputs;
-            if status == RunStatus::Ran {
-                outcome.device = Some(device.to_string());
-                outcome.seconds = start.elapsed().as_secs_f64();
-            } else {
-                outcome.reasons.clear();
-            }
-        }
-        Err(e) => {
-            outcome.seconds = start.elapsed().as_secs_f64();
-            outcome.device = Some(device.to_string());
-            if cancel.is_cancelled() {
-                outcome.status = RunStatus::Skipped;
-                outcome.reasons = vec!["interrupted".into()];
-            } else {
-                tracing::error!(stage = %stage.id, "failed: {e:#}");
-                outcome.error = Some(format!("{e:#}"));
-            }
-        }
     }
-    outcome
 }
 
-#[allow(clippy::too_many_arguments)]
-fn execute_inner(
-    m: &Manifest,
+/// Points the plan-history refs of every variant at the instance's key.
+fn set_refs(cache: &Cache, stage: &PlannedStage) {
+    for (namespace, id) in &stage.refs {
+        if let Err(e) = cache.set_ref(namespace, id, &stage.key) {
+            tracing::warn!("recording the plan history of `{}`: {e}", stage.id);
+        }
+    }
+}
+
+/// The job of instance `stage`: its inputs, its upstream instances by key, and where it runs.
+fn job_for(
     stage: &PlannedStage,
-    inputs: &[&PlannedStage],
-    input_outputs: &[BTreeMap<String, PathBuf>],
+    deps: &[usize],
+    plan: &Plan,
     cache: &Cache,
     device: &str,
     opts: &RunOptions,
-    cancel: &CancelToken,
-) -> anyhow::Result<(RunStatus, BTreeMap<String, PathBuf>)> {
-    let complete = |r: &StageRecord| r.outputs.values().all(|o| cache.has_object(&o.digest));
-    if let Some(r) = cache.record(&stage.key)?.filter(complete) {
-        return Ok((RunStatus::Hit, outputs_of(cache, &r)));
-    }
-    // Wait for the key's lock, staying responsive to Ctrl-C.
-    let _lock = loop {
-        if let Some(lock) = cache.try_lock_key(&stage.key)? {
-            break lock;
-        }
-        cancel.check()?;
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    if let Some(r) = cache.record(&stage.key)?.filter(complete) {
-        tracing::debug!(stage = %stage.id, "computed by another process meanwhile");
-        return Ok((RunStatus::Hit, outputs_of(cache, &r)));
-    }
-    let decl = m.stage(stage_name(&stage.local_id)).expect("plan ids come from the manifest");
-    let staging = cache.staging_dir()?;
-    let work_dir = cache.work_dir(&stage.key)?;
-    // The stage sees ids of its own variant's graph (`finetune[2]`, not `k=0.3/finetune[2]`).
-    let ctx = StageContext {
+) -> Job {
+    Job {
+        format: JOB_FORMAT,
+        key: stage.key,
         id: stage.local_id.clone(),
+        stage: crate::plan::stage_name(&stage.local_id).to_string(),
+        kind: stage.kind.clone(),
         group: stage.group,
-        device: device.to_string(),
-        seed: m.seed,
-        inputs: inputs
+        inputs: stage.inputs.clone(),
+        upstream: deps
             .iter()
-            .zip(input_outputs)
-            .map(|(up, files)| UpstreamOutputs {
-                id: up.local_id.clone(),
-                kind: up.kind.clone(),
-                group: up.group,
-                files: files.clone(),
+            .map(|&d| {
+                let up = &plan.stages[d];
+                Upstream { id: up.local_id.clone(), kind: up.kind.clone(), group: up.group, key: up.key }
             })
             .collect(),
-        out_dir: staging.path().to_path_buf(),
-        work_dir,
-        cancel: cancel.clone(),
-        progress: opts.progress,
-    };
-    tracing::info!(stage = %stage.id, key = %stage.key.short(), device, "running");
-    let started_at = SystemTime::now();
-    let t0 = Instant::now();
-    let result =
-        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| decl.params.run(m, &ctx)));
-    match result {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => return Err(e),
-        Err(panic) => {
-            let msg = panic
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_else(|| "unknown panic".into());
-            anyhow::bail!("stage panicked: {msg}");
-        }
+        device: if device == "cpu" { "cpu".into() } else { "cuda:0".into() },
+        threads: opts.threads,
+        cache: std::path::absolute(cache.root()).unwrap_or_else(|_| cache.root().to_path_buf()),
     }
-    cancel.check()?;
-    let duration_s = t0.elapsed().as_secs_f64();
-    let mut outputs = BTreeMap::new();
-    let mut entries: Vec<_> = std::fs::read_dir(staging.path())?.collect::<Result<_, _>>()?;
-    entries.sort_by_key(|e| e.file_name());
-    for e in entries {
-        if e.file_type()?.is_file() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            outputs.insert(name, cache.put_file(&e.path())?);
-        }
-    }
-    let record = StageRecord {
-        key: stage.key,
-        id: stage.id.clone(),
-        kind: stage.kind.clone(),
-        outputs,
-        fingerprint: serde_json::to_value(&stage.fingerprint)?,
-        meta: RecordMeta {
-            duration_s,
-            device: device.to_string(),
-            versions: [(stage.kind.clone(), decl.params.version().to_string())].into(),
-            ..RecordMeta::timed(started_at, SystemTime::now())
-        },
-    };
-    cache.publish(&record)?;
-    for (namespace, id) in &stage.refs {
-        cache.set_ref(namespace, id, &stage.key)?;
-    }
-    cache.remove_work_dir(&stage.key)?;
-    Ok((RunStatus::Ran, outputs_of(cache, &record)))
 }
 
-pub use crate::plan::stage_name;
+/// Writes the job, opens its log and starts its worker; a thread forwards the worker's stdout.
+fn spawn(
+    job: &Job,
+    cache: &Cache,
+    opts: &RunOptions,
+    device: &str,
+    index: usize,
+    tx: mpsc::Sender<(usize, Msg)>,
+) -> anyhow::Result<(Child, PathBuf)> {
+    use anyhow::Context as _;
+    let path = cache.write_job(&job.key, &serde_json::to_vec_pretty(job)?)?;
+    let mut log = cache.open_log(&job.key)?;
+    writeln!(
+        log,
+        "=== {} `{}` on {device}, {} ===",
+        progdiff_cache::rfc3339_utc(std::time::SystemTime::now()),
+        job.id,
+        progdiff_cache::host_name()
+    )?;
+    let mut cmd = Command::new(&opts.worker);
+    cmd.arg("exec")
+        .arg(&path)
+        .arg("--events")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(log)
+        // Its own process group: Ctrl-C at the terminal reaches only the coordinator, which
+        // forwards it; a command stage's children are signalled with it.
+        .process_group(0)
+        // The worker stops (gracefully) if the coordinator dies.
+        .env("PROGDIFF_DIE_WITH_PARENT", "1")
+        .env("OMP_NUM_THREADS", job.threads.to_string())
+        .env("RAYON_NUM_THREADS", job.threads.to_string());
+    if let Some(gpu) = device.strip_prefix("cuda:") {
+        cmd.env("CUDA_VISIBLE_DEVICES", gpu);
+    }
+    let mut child =
+        cmd.spawn().with_context(|| format!("starting the worker `{}`", opts.worker.display()))?;
+    let stdout = child.stdout.take().expect("piped stdout");
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            let msg = match serde_json::from_str::<Event>(&line) {
+                Ok(e) => Msg::Event(e),
+                Err(_) => Msg::Text(line),
+            };
+            if tx.send((index, msg)).is_err() {
+                return;
+            }
+        }
+        let _ = tx.send((index, Msg::Eof));
+    });
+    Ok((child, cache.log_path(&job.key)))
+}
+
+/// The outcome of a worker that exited.
+fn finish(
+    stage: &PlannedStage,
+    r: &mut Running,
+    status: std::io::Result<std::process::ExitStatus>,
+    cancel: &CancelToken,
+    cache: &Cache,
+) -> StageOutcome {
+    let mut o = outcome(stage, RunStatus::Failed, BTreeMap::new());
+    o.device = Some(r.device.clone());
+    o.seconds = r.started.elapsed().as_secs_f64();
+    o.log = Some(r.log.clone());
+    let status = match status {
+        Ok(s) => s,
+        Err(e) => {
+            o.error = Some(format!("waiting for the worker: {e}"));
+            return o;
+        }
+    };
+    match (&r.done, status.success()) {
+        (Some(Event::Done { status: s, outputs, seconds, .. }), true) if s == "ran" || s == "hit" => {
+            o.status = if s == "ran" { RunStatus::Ran } else { RunStatus::Hit };
+            o.outputs = outputs.clone();
+            if o.status == RunStatus::Ran {
+                o.seconds = *seconds;
+            } else {
+                o.reasons.clear();
+                o.seconds = 0.0;
+            }
+            set_refs(cache, stage);
+            return o;
+        }
+        _ => {}
+    }
+    if cancel.is_cancelled() && (status.code() == Some(130) || status.signal().is_some()) {
+        o.status = RunStatus::Skipped;
+        o.reasons = vec!["interrupted".into()];
+        return o;
+    }
+    let how = match (status.code(), status.signal()) {
+        (_, Some(sig)) => format!(
+            "the worker was killed by signal {sig} ({}){}",
+            Signal::try_from(sig).map(|s| s.as_str()).unwrap_or("unknown"),
+            if status.core_dumped() { ", core dumped" } else { "" }
+        ),
+        (Some(code), None) => format!("the worker exited with code {code}"),
+        (None, None) => "the worker ended without a status".into(),
+    };
+    let reported = match &r.done {
+        Some(Event::Done { error: Some(e), .. }) => Some(e.clone()),
+        _ => None,
+    };
+    let mut text = match reported {
+        Some(e) => e,
+        None => how,
+    };
+    let tail = log_tail(&r.log, 12);
+    if !tail.is_empty() {
+        text.push_str("\nlast lines of its log:\n");
+        for l in tail.lines() {
+            text.push_str("  ");
+            text.push_str(l);
+            text.push('\n');
+        }
+    }
+    text.push_str(&format!("log: {}", r.log.display()));
+    o.error = Some(text);
+    o
+}
+
+/// The last `n` lines of a log file (at most 16 kB read).
+pub fn log_tail(path: &Path, n: usize) -> String {
+    let Ok(mut f) = std::fs::File::open(path) else { return String::new() };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let _ = f.seek(SeekFrom::Start(len.saturating_sub(16 * 1024)));
+    let mut s = String::new();
+    let _ = f.read_to_string(&mut s);
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+fn counted_style(width: usize, unit: &str) -> ProgressStyle {
+    ProgressStyle::with_template(&format!(
+        "{{prefix:<{width}}} [{{bar:30}}] {{pos}}/{{len}} {unit} {{msg}} ({{eta}})"
+    ))
+    .unwrap_or_else(|_| ProgressStyle::default_bar())
+    .progress_chars("=> ")
+}
+
+fn bar_style(width: usize) -> ProgressStyle {
+    ProgressStyle::with_template(&format!("{{prefix:<{width}}} {{spinner}} {{msg}}"))
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> ")
+}

@@ -7,11 +7,11 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use progdiff::dag::Dag;
-use progdiff::executor::{self, RunOptions, RunStatus, RunSummary};
+use progdiff::executor::{self, RunOptions, RunStatus, RunSummary, Workers};
 use progdiff::manifest::{Experiment, ManifestError};
 use progdiff::plan::{self, Plan, PlanStatus};
 use progdiff_cache::Cache;
-use progdiff_stages::context::CancelToken;
+use progdiff_kinds::context::CancelToken;
 
 /// Declarative, content-cached pipelines for Step-Adaptive Training of diffusion models.
 #[derive(Parser)]
@@ -63,6 +63,16 @@ enum Command {
         #[arg(long, default_value = "cpu", value_delimiter = ',')]
         devices: Vec<String>,
         /// Run only what this sweep variant needs
+        #[arg(long, value_name = "NAME")]
+        variant: Option<String>,
+    },
+    /// Print the worker log of a stage instance (every attempt, oldest first)
+    Log {
+        /// Manifest file
+        manifest: PathBuf,
+        /// Stage instance id, as `plan` prints it (`base`, `prune[3]`, `groups=4/finetune[2]`)
+        stage: String,
+        /// The sweep variant whose instance it is
         #[arg(long, value_name = "NAME")]
         variant: Option<String>,
     },
@@ -253,6 +263,23 @@ fn real_main(cli: Cli) -> anyhow::Result<u8> {
             Ok(0)
         }
         Command::Run { manifest, json, jobs, devices, variant } => {
+            for d in devices {
+                anyhow::ensure!(
+                    d == "cpu" || d.strip_prefix("cuda:").is_some_and(|i| i.parse::<u32>().is_ok()),
+                    "unknown device `{d}`, expected `cpu` or `cuda:N`"
+                );
+            }
+            // Intra-op threads of each worker: share the cores between concurrently running
+            // stages (oversubscribed OpenMP threads spin and slow everything down).
+            // `PROGDIFF_THREADS` overrides, e.g. for several progdiff processes on one machine.
+            let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+            let threads = match std::env::var("PROGDIFF_THREADS") {
+                Ok(v) => v.trim().parse::<usize>().ok().filter(|n| *n > 0).with_context(|| {
+                    format!("PROGDIFF_THREADS must be a positive integer, got `{v}`")
+                })?,
+                Err(_) => (cores / (*jobs).max(1)).max(1),
+            };
+            let worker = progdiff::worker::binary()?;
             let exp = Experiment::load(manifest)?;
             let cache = open_cache(&cli.cache_dir)?;
             let swept = cache.sweep_tmp()?;
@@ -263,38 +290,25 @@ fn real_main(cli: Cli) -> anyhow::Result<u8> {
             }
             let p = select_variant(&exp, plan::plan_experiment(&exp, &cache)?, variant)?;
             let cancel = CancelToken::new();
-            let handler_token = cancel.clone();
+            let workers = Workers::default();
+            let (handler_token, handler_workers) = (cancel.clone(), workers.clone());
             let _ = ctrlc::set_handler(move || {
                 if handler_token.is_cancelled() {
-                    eprintln!("\ninterrupted twice: exiting now (the cache stays consistent)");
+                    eprintln!("\ninterrupted twice: killing the workers (the cache stays consistent)");
+                    handler_workers.signal_all(nix::sys::signal::Signal::SIGKILL);
                     std::process::exit(i32::from(EXIT_INTERRUPTED));
                 }
-                eprintln!("\ninterrupting: stopping running stages (Ctrl-C again to exit at once)");
+                eprintln!("\ninterrupting: stopping running stages (Ctrl-C again to kill them)");
                 handler_token.cancel();
             });
-            // libtorch's intra-op threads: share the cores between concurrently running stages
-            // (oversubscribed OpenMP threads spin and slow everything down).
-            // `PROGDIFF_THREADS` overrides, e.g. for several progdiff processes on one machine.
-            let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-            let threads = match std::env::var("PROGDIFF_THREADS") {
-                Ok(v) => v.trim().parse::<usize>().ok().filter(|n| *n > 0).with_context(|| {
-                    format!("PROGDIFF_THREADS must be a positive integer, got `{v}`")
-                })?,
-                Err(_) => (cores / (*jobs).max(1)).max(1),
-            };
-            tch::set_num_threads(threads as i32);
             let opts = RunOptions {
                 jobs: *jobs,
                 devices: devices.clone(),
                 progress: !cli.quiet && std::io::IsTerminal::is_terminal(&std::io::stderr()),
+                threads,
+                worker,
             };
-            for d in &opts.devices {
-                anyhow::ensure!(
-                    d == "cpu" || d.strip_prefix("cuda:").is_some_and(|i| i.parse::<u32>().is_ok()),
-                    "unknown device `{d}`, expected `cpu` or `cuda:N`"
-                );
-            }
-            let summary = executor::run(&exp.variants, &p, &cache, &opts, &cancel);
+            let summary = executor::run(&p, &cache, &opts, &cancel, &workers);
             if *json {
                 serde_json::to_writer_pretty(&mut out, &summary)?;
                 writeln!(out)?;
@@ -308,6 +322,31 @@ fn real_main(cli: Cli) -> anyhow::Result<u8> {
             } else {
                 EXIT_FAILED
             })
+        }
+        Command::Log { manifest, stage, variant } => {
+            let exp = Experiment::load(manifest)?;
+            let cache = open_cache(&cli.cache_dir)?;
+            let p = select_variant(&exp, plan::plan_experiment(&exp, &cache)?, variant)?;
+            let Some(s) = p.stages.iter().find(|s| s.id == *stage) else {
+                let ids: Vec<String> = p.stages.iter().map(|s| format!("`{}`", s.id)).collect();
+                anyhow::bail!("`{}` has no stage instance `{stage}`; its instances: {}", exp.file, ids.join(", "));
+            };
+            let path = cache.log_path(&s.key);
+            match std::fs::read(&path) {
+                Ok(bytes) => {
+                    out.write_all(&bytes)?;
+                    Ok(0)
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    eprintln!(
+                        "`{stage}` (key {}) has no log: it has not run with this cache{}",
+                        s.key.short(),
+                        if s.status == PlanStatus::Cached { " (its result came from elsewhere)" } else { "" }
+                    );
+                    Ok(EXIT_FAILED)
+                }
+                Err(e) => Err(anyhow::Error::new(e).context(format!("reading `{}`", path.display()))),
+            }
         }
         Command::Graph { manifest, format } => {
             let exp = Experiment::load(manifest)?;
@@ -369,11 +408,11 @@ fn real_main(cli: Cli) -> anyhow::Result<u8> {
             };
             let stats_a = progdiff::report::statistics_of(a, &opts)?;
             if *save_stats {
-                progdiff_stages::fid::write_stats(&stats_a, b)?;
+                progdiff_kinds::fid::write_stats(&stats_a, b)?;
                 writeln!(out, "wrote the statistics of `{}` to `{}`", a.display(), b.display())?;
             } else {
                 let stats_b = progdiff::report::statistics_of(b, &opts)?;
-                let d = progdiff_stages::fid::frechet_distance(&stats_a, &stats_b)?;
+                let d = progdiff_kinds::fid::frechet_distance(&stats_a, &stats_b)?;
                 writeln!(out, "FID: {d}")?;
             }
             Ok(0)

@@ -48,6 +48,9 @@ pub struct PlannedStage {
     /// What the key was computed from.
     #[serde(skip)]
     pub fingerprint: Fingerprint,
+    /// The stage's inputs (its kind's `Inputs` as JSON): what its job carries.
+    #[serde(skip)]
+    pub inputs: serde_json::Value,
     /// The cached record, when cached.
     #[serde(skip)]
     pub record: Option<StageRecord>,
@@ -210,9 +213,10 @@ pub fn plan(m: &Manifest, dag: &Dag, cache: &Cache) -> anyhow::Result<Plan> {
     let mut causes: BTreeMap<String, String> = BTreeMap::new();
     for inst in &dag.instances {
         let decl = &m.stages[inst.stage];
+        let stage_inputs = decl.params.inputs(m);
         let mut inputs = BTreeMap::new();
         let mut missing = Vec::new();
-        for (label, path) in decl.params.external_inputs(m) {
+        for (label, path) in crate::kinds::external_files(&stage_inputs) {
             if !path.exists() {
                 // Planning works without the data (e.g. a paper-scale manifest on a laptop);
                 // the stage cannot be cached under this key and fails clearly if run.
@@ -229,7 +233,7 @@ pub fn plan(m: &Manifest, dag: &Dag, cache: &Cache) -> anyhow::Result<Plan> {
             format: FINGERPRINT_FORMAT,
             kind: decl.params.kind().to_string(),
             version: decl.params.version(),
-            params: decl.params.reads(m, &decl.name),
+            params: progdiff_kinds::kind::key_values(&decl.name, &stage_inputs),
             group: inst.group,
             upstream: inst
                 .deps
@@ -299,6 +303,7 @@ pub fn plan(m: &Manifest, dag: &Dag, cache: &Cache) -> anyhow::Result<Plan> {
             group: inst.group,
             needs: inst.deps.iter().map(|&d| dag.instances[d].id.clone()).collect(),
             fingerprint,
+            inputs: stage_inputs,
             record,
             last_duration_s,
             variants: m.variant.iter().cloned().collect(),

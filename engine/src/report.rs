@@ -10,11 +10,12 @@ use std::fmt::Write as _;
 
 use anyhow::Context as _;
 use progdiff_cache::Cache;
-use progdiff_stages::evaluate::{EvaluateMetrics, METRICS_FILE};
+use progdiff_kinds::evaluate::{EvaluateMetrics, METRICS_FILE};
 use serde::Serialize;
 
 use crate::dag::Dag;
-use crate::kinds::StageParams;
+use progdiff_kinds::evaluate::Evaluate;
+use progdiff_kinds::train::Train;
 use crate::manifest::{Experiment, Manifest};
 use crate::plan;
 
@@ -56,7 +57,7 @@ pub fn report(m: &Manifest, cache: &Cache) -> anyhow::Result<Vec<ReportRow>> {
     let plan = plan::plan(m, &dag, cache)?;
     let mut rows = Vec::new();
     for (i, inst) in dag.instances.iter().enumerate() {
-        let StageParams::Evaluate(p) = &m.stages[inst.stage].params else { continue };
+        let Some(p) = m.stages[inst.stage].params.get::<Evaluate>() else { continue };
         let metrics = match plan.stages[i].record.as_ref().and_then(|r| r.outputs.get(METRICS_FILE))
         {
             Some(o) => {
@@ -132,7 +133,7 @@ fn training_steps(m: &Manifest, dag: &Dag, i: usize) -> usize {
         if !seen.insert(d) {
             continue;
         }
-        if let StageParams::Train(p) = &m.stages[dag.instances[d].stage].params {
+        if let Some(p) = m.stages[dag.instances[d].stage].params.get::<Train>() {
             total += p.steps;
         }
         stack.extend(&dag.instances[d].deps);
@@ -311,13 +312,13 @@ pub struct FidOptions {
     pub device: String,
 }
 
-/// The statistics of `path`: a pytorch-fid `.npz` file, or a folder of images run through the
-/// extractor.
+/// The statistics of `path`: a pytorch-fid `.npz` file (read here), or a folder of images run
+/// through the extractor by `progdiff-worker stats` (feature extraction needs libtorch).
 pub fn statistics_of(
     path: &std::path::Path,
     opts: &FidOptions,
-) -> anyhow::Result<progdiff_stages::fid::Statistics> {
-    use progdiff_stages::fid;
+) -> anyhow::Result<progdiff_kinds::fid::Statistics> {
+    use progdiff_kinds::fid;
     if path.is_file() {
         return Ok(fid::read_stats(path)?);
     }
@@ -330,9 +331,23 @@ pub fn statistics_of(
         "computing statistics of an image folder needs a feature extractor\nhint: pass \
          `--extractor inception.pt` (a TorchScript module; see the README)",
     )?;
-    let device = progdiff_stages::sample::parse_device(&opts.device)?;
-    let extractor = fid::Extractor::torchscript(module, opts.size, device)?;
-    let images = fid::load_folder(path, 3)?;
-    let features = extractor.features(&images, opts.batch_size)?;
-    Ok(fid::Statistics::from_features(&features)?)
+    let tmp = tempfile::Builder::new().prefix("progdiff-stats-").suffix(".npz").tempfile()?;
+    let worker = crate::worker::binary()?;
+    let status = std::process::Command::new(&worker)
+        .arg("stats")
+        .arg(path)
+        .arg(tmp.path())
+        .arg("--extractor")
+        .arg(module)
+        .args(["--size", &opts.size.to_string()])
+        .args(["--batch-size", &opts.batch_size.to_string()])
+        .args(["--device", &opts.device])
+        .status()
+        .with_context(|| format!("starting `{}`", worker.display()))?;
+    anyhow::ensure!(
+        status.success(),
+        "computing the statistics of `{}` failed ({status})",
+        path.display()
+    );
+    Ok(fid::read_stats(tmp.path())?)
 }

@@ -7,7 +7,7 @@
 //! - `<name>.<stage>.allocation.png`: a copy of each `snr-allocate` instance's allocation figure.
 //!
 //! Over all manifests, `fid.png`: a bar chart of FID per report row, when at least two rows
-//! have an FID. Text needs a font ([`progdiff_stages::plot::text_font`]); without one the charts
+//! have an FID. Text needs a font ([`progdiff_kinds::plot::text_font`]); without one the charts
 //! are drawn without text.
 
 use std::path::{Path, PathBuf};
@@ -15,10 +15,9 @@ use std::path::{Path, PathBuf};
 use anyhow::Context as _;
 use plotters::prelude::*;
 use progdiff_cache::Cache;
-use progdiff_stages::plot::text_font;
+use progdiff_kinds::plot::text_font;
 
 use crate::dag::Dag;
-use crate::kinds::StageParams;
 use crate::manifest::Manifest;
 use crate::plan;
 use crate::report::ReportRow;
@@ -83,9 +82,9 @@ pub fn write_manifest_plots(
     let mut curves = Vec::new();
     for (i, inst) in dag.instances.iter().enumerate() {
         let Some(record) = plan.stages[i].record.as_ref() else { continue };
-        match &m.stages[inst.stage].params {
-            StageParams::Train(_) => {
-                let Some(o) = record.outputs.get(progdiff_stages::train::METRICS_FILE) else {
+        match m.stages[inst.stage].params.kind() {
+            progdiff_kinds::train::KIND => {
+                let Some(o) = record.outputs.get(progdiff_kinds::train::METRICS_FILE) else {
                     continue;
                 };
                 let bytes = cache.read_object(&o.digest)?;
@@ -94,8 +93,8 @@ pub fn write_manifest_plots(
                     curves.push(curve);
                 }
             }
-            StageParams::SnrAllocate(_) => {
-                let Some(o) = record.outputs.get(progdiff_stages::allocate::ALLOCATION_PNG) else {
+            progdiff_kinds::allocate::KIND => {
+                let Some(o) = record.outputs.get(progdiff_kinds::allocate::ALLOCATION_PNG) else {
                     continue;
                 };
                 let path = dir.join(format!(

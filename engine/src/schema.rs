@@ -2,8 +2,8 @@
 //! `# yaml-language-server: $schema=progdiff.schema.json` at the top of a manifest,
 //! yaml-language-server completes keys and flags mistakes as they are typed.
 
-use progdiff_stages::config::{DiffusionConfig, ModelConfig};
-use progdiff_stages::data::DataConfig;
+use progdiff_kinds::config::{DiffusionConfig, ModelConfig};
+use progdiff_kinds::data::DataConfig;
 use schemars::generate::SchemaSettings;
 use serde_json::{Map, Value, json};
 

@@ -31,7 +31,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::config::{DiffusionConfig, ModelConfig};
-use crate::context::FieldError;
+use crate::context::{FieldError, StageContext};
 use crate::data::{DataConfig, DataValues};
 
 /// The manifest as a kind sees it: the sections a stage may read.
@@ -326,4 +326,31 @@ pub fn version_of(kind: &str) -> Option<u32> {
     }
     for_each_kind!(find);
     None
+}
+
+/// A job's inputs checked against their kind and ready to run (built by the worker's registry
+/// of `run` functions).
+pub struct Prepared {
+    /// The kind's implementation version.
+    pub version: u32,
+    /// The inputs in canonical form ([`canonical_inputs`]): the key is computed from this value,
+    /// and `run` receives exactly it.
+    pub inputs: Value,
+    run: Box<dyn FnOnce(&StageContext) -> anyhow::Result<()>>,
+}
+
+impl Prepared {
+    /// Inputs of a kind with `version`, and the closure that runs them.
+    pub fn new(
+        version: u32,
+        inputs: Value,
+        run: Box<dyn FnOnce(&StageContext) -> anyhow::Result<()>>,
+    ) -> Prepared {
+        Prepared { version, inputs, run }
+    }
+
+    /// Runs the stage.
+    pub fn run(self, ctx: &StageContext) -> anyhow::Result<()> {
+        (self.run)(ctx)
+    }
 }

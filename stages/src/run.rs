@@ -9,7 +9,7 @@ use progdiff_kinds::command::Command;
 use progdiff_kinds::evaluate::Evaluate;
 use progdiff_kinds::fid_extractor::FidExtractor;
 use progdiff_kinds::import::Import;
-use progdiff_kinds::kind::{StageKind, canonical_inputs};
+use progdiff_kinds::kind::{Prepared, StageKind, canonical_inputs};
 use progdiff_kinds::prune::Prune;
 use progdiff_kinds::train::Train;
 use serde_json::Value;
@@ -65,33 +65,12 @@ impl Run for Prune {
     }
 }
 
-/// A job's inputs, checked against their kind and ready to run.
-pub struct Prepared {
-    /// The kind's implementation version.
-    pub version: u32,
-    /// The inputs in canonical form: parsed as the kind's inputs and serialised again. The key
-    /// is computed from this value, and `run` receives exactly it.
-    pub inputs: Value,
-    run: Box<dyn FnOnce(&StageContext) -> anyhow::Result<()>>,
-}
-
-impl Prepared {
-    /// Runs the stage.
-    pub fn run(self, ctx: &StageContext) -> anyhow::Result<()> {
-        (self.run)(ctx)
-    }
-}
-
 /// Parses `inputs` as the inputs of kind `kind`; errors for an unknown kind or inputs that are
 /// not that kind's.
 pub fn prepare(kind: &str, inputs: &Value) -> anyhow::Result<Prepared> {
     fn typed<K: Run>(inputs: &Value) -> anyhow::Result<Prepared> {
         let (typed, value) = canonical_inputs::<K>(inputs).map_err(anyhow::Error::msg)?;
-        Ok(Prepared {
-            version: K::VERSION,
-            inputs: value,
-            run: Box::new(move |ctx| K::run(ctx, &typed)),
-        })
+        Ok(Prepared::new(K::VERSION, value, Box::new(move |ctx| K::run(ctx, &typed))))
     }
     macro_rules! dispatch {
         ($($k:path),* $(,)?) => {

@@ -10,11 +10,11 @@
 //!
 //! **Reproducible and resumable.** Every random draw of step `s` comes from a stream derived
 //! from `(seed, s)`: the batch order (shuffled epochs), flips, timesteps, noise, and dropout
-//! (libtorch's global generator is re-seeded for each step's forward pass under a process-wide
-//! lock, so concurrent stages in one process don't disturb each other). Every `checkpoint_every`
-//! steps the model, EMA, optimizer moments and sampler position go to the stage's work area; a
-//! killed run resumes there and ends with the same weights, bit for bit on the CPU, as a run that
-//! was never interrupted.
+//! (libtorch's global generator is re-seeded for each step's forward pass; a stage instance
+//! runs alone in its worker process, so the generator is its own). Every `checkpoint_every`
+//! steps, and when interrupted, the model, EMA, optimizer moments and sampler position go to the
+//! stage's work area; a killed run resumes there and ends with the same weights, bit for bit on
+//! the CPU, as a run that was never interrupted.
 //!
 //! Outputs: `model.safetensors`, `ema.safetensors` (what later stages use by default) and
 //! `metrics.jsonl`.
@@ -357,8 +357,10 @@ pub fn run(ctx: &StageContext, inputs: &TrainInputs) -> anyhow::Result<()> {
             if last_loss.is_finite() { format!("loss {last_loss:.4}") } else { String::new() }
         });
 
-        if params.checkpoint_every > 0 && done % params.checkpoint_every == 0 && done < params.steps
-        {
+        // Resume state every `checkpoint_every` steps, and when interrupted (Ctrl-C forwarded to
+        // the worker, or the coordinator gone), so the next run resumes where this one stopped.
+        let due = done.is_multiple_of(params.checkpoint_every) || ctx.cancel.is_cancelled();
+        if params.checkpoint_every > 0 && due && done < params.steps {
             let (epoch, pos) = sampler.position();
             let state = ResumeState { step: done, epoch, pos, interval: interval.clone() };
             let model = Checkpoint::from_var_store(&arch, &vs, step_state(done, None))?;

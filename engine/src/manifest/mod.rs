@@ -10,13 +10,14 @@ mod compose;
 mod sweep;
 pub mod yaml;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use progdiff_stages::config::{DiffusionConfig, ModelConfig};
-use progdiff_stages::context::FieldError;
-use progdiff_stages::data::DataConfig;
+use progdiff_kinds::config::{DiffusionConfig, ModelConfig};
+use progdiff_kinds::context::FieldError;
+use progdiff_kinds::data::DataConfig;
+use progdiff_kinds::kind::Sections;
 use schemars::JsonSchema;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
@@ -139,6 +140,8 @@ impl Experiment {
             .map_err(|source| ManifestError::Read { path: path.to_path_buf(), source })?;
         let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
         let dir = if dir.as_os_str().is_empty() { PathBuf::from(".") } else { dir };
+        // Absolute, so that a job's file locations hold wherever its worker starts.
+        let dir = std::path::absolute(&dir).unwrap_or(dir);
         let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
         Experiment::parse(&text, &path.display().to_string(), &dir, &stem)
             .map_err(ManifestError::Invalid)
@@ -230,6 +233,17 @@ impl Manifest {
     pub fn resolve(&self, p: &str) -> PathBuf {
         let p = Path::new(p);
         if p.is_absolute() { p.to_path_buf() } else { self.dir.join(p) }
+    }
+
+    /// The sections stage kinds read.
+    pub fn sections(&self) -> Sections<'_> {
+        Sections {
+            seed: self.seed,
+            data: self.data.as_ref(),
+            model: &self.model,
+            diffusion: &self.diffusion,
+            dir: &self.dir,
+        }
     }
 }
 
@@ -552,7 +566,7 @@ impl Cx {
                 self.push(
                     pos,
                     &prefix,
-                    format!("missing `kind`, expected one of {}", quoted(StageParams::KINDS)),
+                    format!("missing `kind`, expected one of {}", quoted(StageParams::kinds())),
                 );
                 return None;
             }
@@ -780,16 +794,3 @@ fn remove_path(value: &mut Value, segs: &[String]) -> bool {
     }
 }
 
-/// Flattens a JSON object into dotted paths (`proxy.kind`), keeping arrays as values.
-pub fn flatten(prefix: &str, value: &Value, out: &mut BTreeMap<String, Value>) {
-    match value {
-        Value::Object(o) => {
-            for (k, v) in o {
-                flatten(&join(prefix, k), v, out);
-            }
-        }
-        other => {
-            out.insert(prefix.to_string(), other.clone());
-        }
-    }
-}

@@ -1,0 +1,247 @@
+//! A job: one stage instance as data, and how a worker runs it.
+//!
+//! The coordinator writes a [`Job`] into the cache (`v1/jobs/ab/<key>.json`) and starts a worker
+//! on it (`progdiff-worker exec <job.json>`); a cluster backend does the same on another node of
+//! a shared filesystem. The description holds everything the instance needs and nothing the
+//! coordinator keeps in memory: the kind's inputs (exactly what the key was computed from),
+//! the upstream instances by key (their outputs are found through the cache's records), the
+//! device and thread count. The worker re-derives the key from the description and refuses a
+//! mismatch, so an edited description or an input file changed since planning never publishes
+//! results under a key that does not describe them.
+//!
+//! [`execute`] is the worker's protocol: hit if the cache already has the key; else resolve the
+//! upstream outputs, take the key's lock, check again, run into a staging directory, publish the
+//! outputs and then the record (atomically), and clear the work area.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::Context as _;
+use progdiff_cache::{Cache, Digest, RecordMeta, StageRecord};
+use progdiff_kinds::context::{CancelToken, Reporter, StageContext, UpstreamOutputs};
+use progdiff_kinds::kind::{Prepared, key_values};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::fingerprint::{FINGERPRINT_FORMAT, Fingerprint};
+use crate::plan::MISSING_INPUT;
+
+/// Version of the job description format.
+pub const JOB_FORMAT: u32 = 1;
+
+/// One stage instance, as a worker runs it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Job {
+    /// [`JOB_FORMAT`].
+    pub format: u32,
+    /// The key the coordinator computed.
+    pub key: Digest,
+    /// The instance id in its manifest's graph (`finetune[2]`): what the stage sees.
+    pub id: String,
+    /// The stage's name in the manifest (its parameters' prefix in the key).
+    pub stage: String,
+    /// Stage kind.
+    pub kind: String,
+    /// Group index of a fanned-out instance.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<usize>,
+    /// The kind's inputs (see `progdiff_kinds::kind`): everything but `at` is hashed.
+    pub inputs: Value,
+    /// The instances it needs, by key.
+    #[serde(default)]
+    pub upstream: Vec<Upstream>,
+    /// `cpu` or `cuda:N` (as the worker sees the devices: a coordinator that sets
+    /// `CUDA_VISIBLE_DEVICES` for the job says `cuda:0`).
+    pub device: String,
+    /// Intra-op threads (libtorch, rayon).
+    pub threads: usize,
+    /// The cache to resolve upstream outputs from and publish to.
+    pub cache: PathBuf,
+}
+
+/// An upstream instance of a job.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Upstream {
+    /// Its id in the job's manifest graph.
+    pub id: String,
+    /// Its kind.
+    pub kind: String,
+    /// Its group index.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<usize>,
+    /// Its key: the worker finds its outputs through the cache's record of this key.
+    pub key: Digest,
+}
+
+impl Job {
+    /// Reads a job description file.
+    pub fn read(path: &Path) -> anyhow::Result<Job> {
+        let bytes = std::fs::read(path)
+            .with_context(|| format!("reading the job description `{}`", path.display()))?;
+        let job: Job = serde_json::from_slice(&bytes)
+            .with_context(|| format!("`{}` is not a job description", path.display()))?;
+        anyhow::ensure!(
+            job.format == JOB_FORMAT,
+            "`{}` is a job description of format {}, this worker reads format {JOB_FORMAT}",
+            path.display(),
+            job.format
+        );
+        Ok(job)
+    }
+
+    /// The fingerprint of this job with its kind's inputs in canonical form (`prepared`):
+    /// external files are hashed now (through the cache's memo).
+    pub fn fingerprint(&self, prepared: &Prepared, cache: &Cache) -> anyhow::Result<Fingerprint> {
+        let mut inputs = BTreeMap::new();
+        for (label, path) in progdiff_kinds::kind::external_files(&prepared.inputs) {
+            let digest = if path.exists() {
+                cache
+                    .file_digest(&path)
+                    .with_context(|| format!("hashing input `{label}` (`{}`)", path.display()))?
+                    .to_string()
+            } else {
+                MISSING_INPUT.to_string()
+            };
+            inputs.insert(label, digest);
+        }
+        Ok(Fingerprint {
+            format: FINGERPRINT_FORMAT,
+            kind: self.kind.clone(),
+            version: prepared.version,
+            params: key_values(&self.stage, &prepared.inputs),
+            group: self.group,
+            upstream: self.upstream.iter().map(|u| (u.id.clone(), u.key.to_string())).collect(),
+            inputs,
+        })
+    }
+}
+
+/// How a job ended, when it did not fail.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Done {
+    /// Found in the cache (`true`) or computed.
+    pub hit: bool,
+    /// Output name -> path of the cached object.
+    pub outputs: BTreeMap<String, PathBuf>,
+    /// Seconds the stage ran (0 for a hit).
+    pub seconds: f64,
+}
+
+/// Output name -> cached object path of `record`.
+pub fn outputs_of(cache: &Cache, record: &StageRecord) -> BTreeMap<String, PathBuf> {
+    record.outputs.iter().map(|(k, o)| (k.clone(), cache.object_path(&o.digest))).collect()
+}
+
+/// The record of `key` when the cache holds it with every object.
+pub fn complete_record(cache: &Cache, key: &Digest) -> anyhow::Result<Option<StageRecord>> {
+    Ok(cache.record(key)?.filter(|r| r.outputs.values().all(|o| cache.has_object(&o.digest))))
+}
+
+/// Runs `job` whose inputs `prepared` holds: checks its key, resolves its upstream outputs,
+/// and publishes its outputs and record, or finds them in the cache.
+pub fn execute(
+    job: &Job,
+    prepared: Prepared,
+    cache: &Cache,
+    report: &Reporter,
+    cancel: &CancelToken,
+) -> anyhow::Result<Done> {
+    let fingerprint = job.fingerprint(&prepared, cache)?;
+    let key = fingerprint.key();
+    if key != job.key {
+        anyhow::bail!(
+            "refusing to run `{}`: its description hashes to key {key}, not to the key {} it \
+             was planned with (an input file changed since planning, or the description was \
+             edited)\nhint: run `progdiff run` again to plan with the current inputs",
+            job.id,
+            job.key
+        );
+    }
+    if let Some(r) = complete_record(cache, &key)? {
+        return Ok(Done { hit: true, outputs: outputs_of(cache, &r), seconds: 0.0 });
+    }
+    let mut inputs = Vec::with_capacity(job.upstream.len());
+    for up in &job.upstream {
+        let record = complete_record(cache, &up.key)?.with_context(|| {
+            format!(
+                "upstream `{}` (key {}) has no complete record in the cache `{}`: run it first",
+                up.id,
+                up.key.short(),
+                cache.root().display()
+            )
+        })?;
+        inputs.push(UpstreamOutputs {
+            id: up.id.clone(),
+            kind: up.kind.clone(),
+            group: up.group,
+            files: outputs_of(cache, &record),
+        });
+    }
+    // Wait for the key's lock, staying responsive to Ctrl-C.
+    let _lock = loop {
+        if let Some(lock) = cache.try_lock_key(&key)? {
+            break lock;
+        }
+        cancel.check()?;
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    if let Some(r) = complete_record(cache, &key)? {
+        tracing::info!(stage = %job.id, "computed by another process meanwhile");
+        return Ok(Done { hit: true, outputs: outputs_of(cache, &r), seconds: 0.0 });
+    }
+    let staging = cache.staging_dir()?;
+    let ctx = StageContext {
+        id: job.id.clone(),
+        group: job.group,
+        device: job.device.clone(),
+        inputs,
+        out_dir: staging.path().to_path_buf(),
+        work_dir: cache.work_dir(&key)?,
+        cancel: cancel.clone(),
+        report: report.clone(),
+    };
+    tracing::info!(stage = %job.id, key = %key.short(), device = %job.device, "running");
+    let started_at = SystemTime::now();
+    let t0 = Instant::now();
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| prepared.run(&ctx)));
+    match result {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(e),
+        Err(panic) => {
+            let msg = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "unknown panic".into());
+            anyhow::bail!("stage panicked: {msg}");
+        }
+    }
+    cancel.check()?;
+    let duration_s = t0.elapsed().as_secs_f64();
+    let mut outputs = BTreeMap::new();
+    let mut entries: Vec<_> = std::fs::read_dir(staging.path())?.collect::<Result<_, _>>()?;
+    entries.sort_by_key(|e| e.file_name());
+    for e in entries {
+        if e.file_type()?.is_file() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            outputs.insert(name, cache.put_file(&e.path())?);
+        }
+    }
+    let record = StageRecord {
+        key,
+        id: job.id.clone(),
+        kind: job.kind.clone(),
+        outputs,
+        fingerprint: serde_json::to_value(&fingerprint)?,
+        meta: RecordMeta {
+            duration_s,
+            device: job.device.clone(),
+            versions: [(job.kind.clone(), fingerprint.version.to_string())].into(),
+            ..RecordMeta::timed(started_at, SystemTime::now())
+        },
+    };
+    cache.publish(&record)?;
+    cache.remove_work_dir(&key)?;
+    Ok(Done { hit: false, outputs: outputs_of(cache, &record), seconds: duration_s })
+}
