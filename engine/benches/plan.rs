@@ -5,16 +5,17 @@
 //! The same manifest as a sweep over five group counts (20..100: 600+ instances sharing the base
 //! stage) is planned too, to show what expanding and merging variants costs.
 //!
-//! `cargo bench -p progdiff --bench plan`
+//! `cargo build --release --bin progdiff-worker && cargo bench -p progdiff --bench plan` (the
+//! cache is populated by worker processes).
 
 use std::time::Instant;
 
 use progdiff::dag::Dag;
-use progdiff::executor::{self, RunOptions};
+use progdiff::executor::{self, RunOptions, Workers};
 use progdiff::manifest::{Experiment, Manifest};
 use progdiff::plan::{self, PlanStatus};
 use progdiff_cache::Cache;
-use progdiff_stages::context::CancelToken;
+use progdiff_kinds::context::CancelToken;
 
 const MANIFEST: &str = "
 name: bench-plan
@@ -50,8 +51,9 @@ fn main() {
     let dag = Dag::build(&m);
     let p = plan::plan(&m, &dag, &cache).expect("plan");
     let t = Instant::now();
-    let opts = RunOptions { jobs: 2, ..RunOptions::default() };
-    let summary = executor::run(std::slice::from_ref(&m), &p, &cache, &opts, &CancelToken::new());
+    let worker = progdiff::worker::binary().expect("the worker binary");
+    let opts = RunOptions { jobs: 2, ..RunOptions::new(worker) };
+    let summary = executor::run(&p, &cache, &opts, &CancelToken::new(), &Workers::default());
     assert!(summary.success(), "{summary:#?}");
     println!(
         "populated the cache: {} stage instances in {:.1}s",
@@ -85,7 +87,7 @@ fn main() {
     let exp = Experiment::load(&swept).expect("valid manifest");
     let p = plan::plan_experiment(&exp, &cache).expect("plan");
     let t = Instant::now();
-    let summary = executor::run(&exp.variants, &p, &cache, &opts, &CancelToken::new());
+    let summary = executor::run(&p, &cache, &opts, &CancelToken::new(), &Workers::default());
     assert!(summary.success(), "{summary:#?}");
     println!(
         "populated the cache: {} variants, {} stage instances ({} ran) in {:.1}s",

@@ -49,6 +49,13 @@ pub struct RunOptions {
     pub worker: PathBuf,
 }
 
+impl RunOptions {
+    /// One job at a time on the CPU with one thread, no progress bars, with `worker`.
+    pub fn new(worker: PathBuf) -> RunOptions {
+        RunOptions { jobs: 1, devices: vec!["cpu".into()], progress: false, threads: 1, worker }
+    }
+}
+
 /// What happened to one instance.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -217,8 +224,7 @@ pub fn run(
                 if running.len() >= jobs {
                     break;
                 }
-                if state[i] != State::Pending || !deps[i].iter().all(|&d| state[d] == State::Done)
-                {
+                if state[i] != State::Pending || !deps[i].iter().all(|&d| state[d] == State::Done) {
                     continue;
                 }
                 let stage = &plan.stages[i];
@@ -398,7 +404,11 @@ pub fn run(
     RunSummary { manifest: plan.manifest.clone(), stages, counts, interrupted }
 }
 
-fn outcome(stage: &PlannedStage, status: RunStatus, outputs: BTreeMap<String, PathBuf>) -> StageOutcome {
+fn outcome(
+    stage: &PlannedStage,
+    status: RunStatus,
+    outputs: BTreeMap<String, PathBuf>,
+) -> StageOutcome {
     StageOutcome {
         id: stage.id.clone(),
         kind: stage.kind.clone(),
@@ -444,7 +454,12 @@ fn job_for(
             .iter()
             .map(|&d| {
                 let up = &plan.stages[d];
-                Upstream { id: up.local_id.clone(), kind: up.kind.clone(), group: up.group, key: up.key }
+                Upstream {
+                    id: up.local_id.clone(),
+                    kind: up.kind.clone(),
+                    group: up.group,
+                    key: up.key,
+                }
             })
             .collect(),
         device: if device == "cpu" { "cpu".into() } else { "cuda:0".into() },
@@ -528,7 +543,9 @@ fn finish(
         }
     };
     match (&r.done, status.success()) {
-        (Some(Event::Done { status: s, outputs, seconds, .. }), true) if s == "ran" || s == "hit" => {
+        (Some(Event::Done { status: s, outputs, seconds, .. }), true)
+            if s == "ran" || s == "hit" =>
+        {
             o.status = if s == "ran" { RunStatus::Ran } else { RunStatus::Hit };
             o.outputs = outputs.clone();
             if o.status == RunStatus::Ran {

@@ -218,3 +218,327 @@ fn prune_refs(cx: &mut Cx, body: &Node, prefix: &str, p: &PruneParams) -> bool {
     }
     ok
 }
+
+#[cfg(test)]
+mod tests {
+    //! Key coverage, kind by kind: changing any value of the manifest changes the key of a stage
+    //! of that kind, unless the kind lists the value in its `NOT_READ`. Each kind's stage is
+    //! keyed from its inputs, which are all its `run` receives, so a value that changes nothing
+    //! here cannot reach the stage either.
+
+    use std::collections::BTreeMap;
+    use std::path::Path;
+
+    use progdiff_kinds::kind::{StageKind, key_values};
+    use serde_json::{Value, json};
+
+    use crate::manifest::Experiment;
+
+    /// A manifest with every section written out in full.
+    fn base(stage: Value) -> Value {
+        json!({
+            "name": "cover",
+            "seed": 1,
+            "data": { "kind": "synthetic", "n": 16, "seed": 2, "image_size": 8,
+                      "channels": "gray", "hflip": false, "limit": 10 },
+            "model": { "image_size": 8, "in_channels": 1, "channels": 32, "channel_mult": [1],
+                       "res_blocks": 1, "attention_resolutions": [], "heads": 1, "dropout": 0.1,
+                       "learn_sigma": true, "use_scale_shift_norm": true },
+            "diffusion": { "steps": 40, "schedule": "cosine", "loss": "hybrid",
+                           "sample_steps": "10", "rescale_timesteps": true },
+            "stages": {
+                "base": { "kind": "train", "steps": 2, "batch_size": 2 },
+                "allocate": { "kind": "snr-allocate", "groups": 2 },
+                "s": stage,
+            }
+        })
+    }
+
+    /// A different valid value for every section field.
+    fn section_changes() -> Vec<(&'static str, Value)> {
+        vec![
+            ("seed", json!(7)),
+            ("data.n", json!(17)),
+            ("data.seed", json!(3)),
+            ("data.image_size", json!(16)),
+            ("data.channels", json!("rgb")),
+            ("data.hflip", json!(true)),
+            ("data.limit", json!(11)),
+            ("model.image_size", json!(16)),
+            ("model.in_channels", json!(3)),
+            ("model.channels", json!(64)),
+            ("model.channel_mult", json!([1, 2])),
+            ("model.res_blocks", json!(2)),
+            ("model.attention_resolutions", json!([8])),
+            ("model.heads", json!(2)),
+            ("model.dropout", json!(0.2)),
+            ("model.learn_sigma", json!(false)),
+            ("model.use_scale_shift_norm", json!(false)),
+            ("diffusion.steps", json!(50)),
+            ("diffusion.schedule", json!("linear")),
+            ("diffusion.loss", json!("simple")),
+            ("diffusion.sample_steps", json!("5")),
+            ("diffusion.rescale_timesteps", json!(false)),
+        ]
+    }
+
+    fn set(v: &mut Value, path: &str, value: Value) {
+        let mut cur = v;
+        let segs: Vec<&str> = path.split('.').collect();
+        for s in &segs[..segs.len() - 1] {
+            cur = &mut cur[*s];
+        }
+        cur[*segs.last().unwrap()] = value;
+    }
+
+    /// Leaf paths of a JSON value (arrays are leaves).
+    fn leaves(prefix: &str, v: &Value, out: &mut Vec<String>) {
+        match v {
+            Value::Object(o) => {
+                for (k, x) in o {
+                    let p = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                    leaves(&p, x, out);
+                }
+            }
+            _ => out.push(prefix.to_string()),
+        }
+    }
+
+    /// The key values and key-file labels of stage `s`.
+    fn key_of(manifest: &Value, dir: &Path) -> (BTreeMap<String, Value>, Vec<String>) {
+        let text = serde_json::to_string(manifest).unwrap();
+        let exp = Experiment::parse(&text, "cover.yaml", dir, "cover")
+            .unwrap_or_else(|e| panic!("invalid test manifest: {e:?}\n{text}"));
+        let m = &exp.variants[0];
+        let decl = m.stage("s").unwrap();
+        let inputs = decl.params.inputs(m);
+        let files = super::external_files(&inputs).into_iter().map(|(l, _)| l).collect();
+        (key_values("s", &inputs), files)
+    }
+
+    fn not_read(list: &[&str], path: &str) -> bool {
+        list.iter().any(|n| path == *n || path.starts_with(&format!("{n}.")))
+    }
+
+    /// What changing a parameter should do.
+    #[derive(Clone, Copy, PartialEq)]
+    enum Expect {
+        /// Change the key (unless the kind's `NOT_READ` lists it).
+        Key,
+        /// Leave it: the kind reads the parameter only in another configuration (the reason).
+        Unread(&'static str),
+        /// Not tried with this base (covered by another one, the reason).
+        Skip(&'static str),
+    }
+    use Expect::*;
+
+    /// Checks kind `K` with `stage` (its `kind` and `needs`), every section change, and a
+    /// change for each of its own parameters (`stage.<param>`, dotted for nested ones).
+    fn check<K: StageKind>(stage: Value, own: Vec<(&str, Value, Expect)>) {
+        let dir = tempfile::tempdir().unwrap();
+        let base = base(stage.clone());
+        let (key, files) = key_of(&base, dir.path());
+        // Every parameter of the kind has a change in the table: a new field needs one.
+        let params: serde_json::Map<String, Value> = stage
+            .as_object()
+            .unwrap()
+            .iter()
+            .filter(|(k, _)| !["kind", "needs", "for_each"].contains(&k.as_str()))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let params: K::Params = serde_json::from_value(params.into()).unwrap();
+        let mut fields = Vec::new();
+        leaves("stage", &serde_json::to_value(&params).unwrap(), &mut fields);
+        for f in &fields {
+            assert!(
+                own.iter().any(|(p, _, _)| p == f || f.starts_with(&format!("{p}."))),
+                "`{}`: no change listed for its parameter `{f}`",
+                K::KIND
+            );
+        }
+        // Section changes, unless the table says otherwise for one of them.
+        let mut changes: Vec<(String, Value, Expect)> = section_changes()
+            .into_iter()
+            .filter(|(p, _)| !own.iter().any(|(o, _, _)| o == p))
+            .map(|(p, v)| (p.to_string(), v, Key))
+            .collect();
+        changes.extend(own.into_iter().map(|(p, v, e)| (p.to_string(), v, e)));
+        for (path, value, expect) in changes {
+            if let Skip(_) = expect {
+                continue;
+            }
+            let mut m = base.clone();
+            let target = match path.strip_prefix("stage.") {
+                Some(rest) => format!("stages.s.{rest}"),
+                None => path.clone(),
+            };
+            set(&mut m, &target, value);
+            let (changed, changed_files) = key_of(&m, dir.path());
+            let differs = changed != key || changed_files != files;
+            if not_read(K::NOT_READ, &path) || expect != Key {
+                assert!(!differs, "`{}`: `{path}` is not read but changes the key", K::KIND);
+            } else {
+                assert!(differs, "`{}`: changing `{path}` leaves the key unchanged", K::KIND);
+            }
+        }
+    }
+
+    #[test]
+    fn train_key_covers_what_it_reads() {
+        check::<progdiff_kinds::train::Train>(
+            json!({ "kind": "train", "steps": 5, "batch_size": 2 }),
+            vec![
+                ("stage.steps", json!(6), Key),
+                ("stage.batch_size", json!(3), Key),
+                ("stage.lr", json!(0.002), Key),
+                ("stage.weight_decay", json!(0.1), Key),
+                ("stage.ema", json!(0.5), Key),
+                ("stage.grad_clip", json!(1.0), Key),
+                ("stage.warmup", json!(2), Key),
+                ("stage.checkpoint_every", json!(7), Key),
+                ("stage.log_every", json!(3), Key),
+                ("stage.init", json!("model"), Key),
+                ("stage.precision", json!("bf16"), Key),
+            ],
+        );
+    }
+
+    #[test]
+    fn allocate_key_covers_what_it_reads() {
+        check::<progdiff_kinds::allocate::SnrAllocate>(
+            json!({ "kind": "snr-allocate", "groups": 2, "k": 0.5 }),
+            vec![
+                ("stage.groups", json!(3), Key),
+                ("stage.k", json!(0.3), Key),
+                ("stage.schedule", json!("constant"), Key),
+                ("stage.clipped", json!("include"), Key),
+            ],
+        );
+    }
+
+    #[test]
+    fn prune_key_covers_what_it_reads() {
+        check::<progdiff_kinds::prune::Prune>(
+            json!({ "kind": "prune", "needs": ["base", "allocate"], "for_each": "group",
+                    "proxy": { "kind": "search", "rounds": 1 } }),
+            vec![
+                ("stage.proxy", json!({ "kind": "magnitude" }), Key),
+                ("stage.proxy.rounds", json!(2), Key),
+                ("stage.proxy.candidates", json!(7), Key),
+                ("stage.proxy.parents", json!(1), Key),
+                ("stage.proxy.mutations", json!(5), Key),
+                ("stage.proxy.importance", json!("diff-pruning"), Key),
+                ("stage.batch_size", json!(3), Key),
+                ("stage.init", json!("model"), Key),
+                // A `for_each: group` stage has neither (validation); covered by the
+                // single-group base below.
+                ("stage.group", json!(null), Skip("single-group stages")),
+                ("stage.seed_bank", json!(null), Skip("single-group stages")),
+                ("stage.budget", json!(0.7), Key),
+            ],
+        );
+    }
+
+    #[test]
+    fn evaluate_key_covers_what_it_reads() {
+        check::<progdiff_kinds::evaluate::Evaluate>(
+            json!({ "kind": "evaluate", "needs": ["base"], "samples": 4 }),
+            vec![
+                ("stage.samples", json!(5), Key),
+                ("stage.batch_size", json!(3), Key),
+                ("stage.weights", json!("model"), Key),
+                ("stage.clip_denoised", json!(false), Key),
+                ("stage.ddim_eta", json!(0.5), Key),
+                ("stage.grid", json!(4), Key),
+                ("stage.label", json!("a row"), Key),
+            ],
+        );
+    }
+
+    #[test]
+    fn prune_single_group_key_covers_what_it_reads() {
+        let stage = json!({ "kind": "prune", "needs": ["base", "allocate", "seed"], "group": 1,
+                            "seed_bank": "seed", "proxy": { "kind": "search", "rounds": 1 } });
+        let mut table = vec![
+            ("stage.group", json!(0), Key),
+            ("stage.seed_bank", json!(null), Key),
+            ("stage.budget", json!(0.7), Key),
+            ("stage.proxy", json!(null), Skip("the `for_each: group` base")),
+            ("stage.batch_size", json!(null), Skip("the `for_each: group` base")),
+            ("stage.init", json!(null), Skip("the `for_each: group` base")),
+        ];
+        // The seeding stage is another single-group prune stage.
+        let dir = tempfile::tempdir().unwrap();
+        let mut m = base(stage.clone());
+        m["stages"]["seed"] = json!({ "kind": "prune", "needs": ["base", "allocate"],
+                                      "group": 0, "proxy": { "kind": "search", "rounds": 1 } });
+        let (key, _) = key_of(&m, dir.path());
+        for (path, value, expect) in table {
+            if let Skip(_) = expect {
+                continue;
+            }
+            let mut changed = m.clone();
+            set(&mut changed, &format!("stages.s.{}", &path["stage.".len()..]), value);
+            assert_ne!(key_of(&changed, dir.path()).0, key, "`{path}` leaves the key unchanged");
+        }
+    }
+
+    #[test]
+    fn fid_extractor_key_covers_what_it_reads() {
+        let trained = "a classifier is trained; a TorchScript module is not";
+        check::<progdiff_kinds::fid_extractor::FidExtractor>(
+            json!({ "kind": "fid-extractor", "steps": 3 }),
+            vec![
+                ("stage.extractor", json!(null), Skip("the torchscript base")),
+                ("stage.path", json!(null), Skip("the torchscript base")),
+                ("stage.size", json!(224), Unread("the input size of a TorchScript module")),
+                ("stage.steps", json!(4), Key),
+                ("stage.batch_size", json!(3), Key),
+                ("stage.lr", json!(0.01), Key),
+                ("stage.features", json!(16), Key),
+                ("stage.target", json!("rotation"), Key),
+                ("stage.reference_samples", json!(5), Key),
+            ],
+        );
+        check::<progdiff_kinds::fid_extractor::FidExtractor>(
+            json!({ "kind": "fid-extractor", "extractor": "torchscript", "path": "ext.pt" }),
+            vec![
+                ("seed", json!(7), Unread("a TorchScript module draws nothing")),
+                ("stage.extractor", json!(null), Skip("the classifier base")),
+                // The module's name is not read: its content is (a digest in the key).
+                ("stage.path", json!("other.pt"), Key),
+                ("stage.size", json!(224), Key),
+                ("stage.steps", json!(4), Unread(trained)),
+                ("stage.batch_size", json!(3), Key),
+                ("stage.lr", json!(0.01), Unread(trained)),
+                ("stage.features", json!(16), Unread(trained)),
+                ("stage.target", json!("rotation"), Unread(trained)),
+                ("stage.reference_samples", json!(5), Key),
+            ],
+        );
+    }
+
+    #[test]
+    fn command_key_covers_what_it_reads() {
+        check::<progdiff_kinds::command::Command>(
+            json!({ "kind": "command", "run": "true" }),
+            vec![
+                ("stage.run", json!("false"), Key),
+                ("stage.inputs", json!(["x.txt"]), Key),
+                ("stage.outputs", json!(["y"]), Key),
+                ("stage.env", json!({ "A": "1" }), Key),
+            ],
+        );
+    }
+
+    #[test]
+    fn import_key_covers_what_it_reads() {
+        check::<progdiff_kinds::import::Import>(
+            json!({ "kind": "import", "path": "w.safetensors" }),
+            vec![
+                ("stage.path", json!("v.safetensors"), Key),
+                ("stage.ema_path", json!("e.safetensors"), Key),
+            ],
+        );
+    }
+}

@@ -294,7 +294,9 @@ fn real_main(cli: Cli) -> anyhow::Result<u8> {
             let (handler_token, handler_workers) = (cancel.clone(), workers.clone());
             let _ = ctrlc::set_handler(move || {
                 if handler_token.is_cancelled() {
-                    eprintln!("\ninterrupted twice: killing the workers (the cache stays consistent)");
+                    eprintln!(
+                        "\ninterrupted twice: killing the workers (the cache stays consistent)"
+                    );
                     handler_workers.signal_all(nix::sys::signal::Signal::SIGKILL);
                     std::process::exit(i32::from(EXIT_INTERRUPTED));
                 }
@@ -329,7 +331,11 @@ fn real_main(cli: Cli) -> anyhow::Result<u8> {
             let p = select_variant(&exp, plan::plan_experiment(&exp, &cache)?, variant)?;
             let Some(s) = p.stages.iter().find(|s| s.id == *stage) else {
                 let ids: Vec<String> = p.stages.iter().map(|s| format!("`{}`", s.id)).collect();
-                anyhow::bail!("`{}` has no stage instance `{stage}`; its instances: {}", exp.file, ids.join(", "));
+                anyhow::bail!(
+                    "`{}` has no stage instance `{stage}`; its instances: {}",
+                    exp.file,
+                    ids.join(", ")
+                );
             };
             let path = cache.log_path(&s.key);
             match std::fs::read(&path) {
@@ -341,11 +347,17 @@ fn real_main(cli: Cli) -> anyhow::Result<u8> {
                     eprintln!(
                         "`{stage}` (key {}) has no log: it has not run with this cache{}",
                         s.key.short(),
-                        if s.status == PlanStatus::Cached { " (its result came from elsewhere)" } else { "" }
+                        if s.status == PlanStatus::Cached {
+                            " (its result came from elsewhere)"
+                        } else {
+                            ""
+                        }
                     );
                     Ok(EXIT_FAILED)
                 }
-                Err(e) => Err(anyhow::Error::new(e).context(format!("reading `{}`", path.display()))),
+                Err(e) => {
+                    Err(anyhow::Error::new(e).context(format!("reading `{}`", path.display())))
+                }
             }
         }
         Command::Graph { manifest, format } => {

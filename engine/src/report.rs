@@ -14,10 +14,10 @@ use progdiff_kinds::evaluate::{EvaluateMetrics, METRICS_FILE};
 use serde::Serialize;
 
 use crate::dag::Dag;
-use progdiff_kinds::evaluate::Evaluate;
-use progdiff_kinds::train::Train;
 use crate::manifest::{Experiment, Manifest};
 use crate::plan;
+use progdiff_kinds::evaluate::Evaluate;
+use progdiff_kinds::train::Train;
 
 /// One row of a report.
 #[derive(Clone, Debug, PartialEq, Serialize)]

@@ -163,7 +163,8 @@ pub fn run(ctx: &StageContext, inputs: &CommandInputs) -> anyhow::Result<()> {
         }
         if ctx.cancel.is_cancelled() {
             let _ = std::process::Command::new("kill")
-                .args(["-KILL", "--", &format!("-{}", child.id())]).status();
+                .args(["-KILL", "--", &format!("-{}", child.id())])
+                .status();
             let _ = child.kill();
             let _ = child.wait();
             anyhow::bail!("interrupted");

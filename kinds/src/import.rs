@@ -89,8 +89,7 @@ impl StageKind for Import {
     const KIND: &'static str = KIND;
     const VERSION: u32 = VERSION;
     // The file names are not read: their contents are (digests in the key).
-    const NOT_READ: &'static [&'static str] =
-        &["seed", "data", "diffusion", "stage.path", "stage.ema_path"];
+    const NOT_READ: &'static [&'static str] = &["seed", "data", "diffusion", "stage.path"];
     type Params = ImportParams;
     type Inputs = ImportInputs;
 
@@ -100,7 +99,8 @@ impl StageKind for Import {
 
     fn inputs(params: &ImportParams, m: &Sections<'_>) -> ImportInputs {
         let mut at = m.locations();
-        at.files = params.fields().into_iter().map(|(k, v)| (k.to_string(), m.resolve(v))).collect();
+        at.files =
+            params.fields().into_iter().map(|(k, v)| (k.to_string(), m.resolve(v))).collect();
         ImportInputs { model: m.model.clone(), at }
     }
 }

@@ -188,7 +188,8 @@ pub fn external_files(inputs: &Value) -> Vec<(String, PathBuf)> {
     let Ok(at) = serde_json::from_value::<Locations>(at.clone()) else { return Vec::new() };
     let mut out: Vec<(String, PathBuf)> =
         at.files.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-    let data = inputs.get("data").and_then(|d| serde_json::from_value::<DataValues>(d.clone()).ok());
+    let data =
+        inputs.get("data").and_then(|d| serde_json::from_value::<DataValues>(d.clone()).ok());
     if let Some(config) = data.and_then(|d| d.config(&at.data).ok()) {
         out.extend(data_files(&config, &at.dir));
     }

@@ -133,9 +133,7 @@ pub fn run(ctx: &StageContext, inputs: &ImportInputs) -> anyhow::Result<()> {
 /// holds the content, not the name).
 pub fn content_label(path: &Path) -> anyhow::Result<String> {
     let mut hasher = blake3::Hasher::new();
-    hasher
-        .update_mmap(path)
-        .map_err(|e| anyhow::anyhow!("reading `{}`: {e}", path.display()))?;
+    hasher.update_mmap(path).map_err(|e| anyhow::anyhow!("reading `{}`: {e}", path.display()))?;
     Ok(format!("blake3:{}", hasher.finalize().to_hex()))
 }
 

@@ -74,10 +74,7 @@ fn uniform_indices(state: u64, n: usize, bound: usize) -> Vec<usize> {
 }
 
 /// Where training starts: scratch (seeded init) or an upstream checkpoint.
-fn initial_checkpoint(
-    ctx: &StageContext,
-    inputs: &TrainInputs,
-) -> anyhow::Result<Checkpoint> {
+fn initial_checkpoint(ctx: &StageContext, inputs: &TrainInputs) -> anyhow::Result<Checkpoint> {
     let params = &inputs.stage;
     let upstream: Vec<_> = ctx.inputs.iter().filter(|u| u.files.contains_key(MODEL_FILE)).collect();
     match upstream.as_slice() {

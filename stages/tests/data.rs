@@ -21,11 +21,11 @@ fn config(yaml: &str) -> DataConfig {
 }
 
 fn open(dir: &Path, yaml: &str) -> Dataset {
-    config(yaml).open(dir).unwrap_or_else(|e| panic!("{yaml}: {e}"))
+    Dataset::open(&config(yaml), dir).unwrap_or_else(|e| panic!("{yaml}: {e}"))
 }
 
 fn open_err(dir: &Path, yaml: &str) -> String {
-    config(yaml).open(dir).expect_err("the dataset should not open").to_string()
+    Dataset::open(&config(yaml), dir).expect_err("the dataset should not open").to_string()
 }
 
 fn values(t: &Tensor) -> Vec<f32> {
@@ -606,14 +606,14 @@ fn synthetic_is_deterministic_and_file_free() {
         Some("synthetic/v1 n=16 image_size=16 seed=3")
     );
     assert_eq!(config("{kind: cifar10, path: x}").generated_fingerprint(), None);
-    let a = c.open(Path::new("/nowhere")).unwrap();
+    let a = Dataset::open(&c, Path::new("/nowhere")).unwrap();
     assert_eq!((a.len(), a.image_shape(), a.has_labels()), (16, (3, 16, 16), false));
     let batch = a.batch_unaugmented(&(0..16).collect::<Vec<_>>()).unwrap();
     let v = values(&batch);
     assert_eq!(
         v,
         values(
-            &c.open(Path::new("."))
+            &Dataset::open(&c, Path::new("."))
                 .unwrap()
                 .batch_unaugmented(&(0..16).collect::<Vec<_>>())
                 .unwrap()

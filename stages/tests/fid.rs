@@ -6,7 +6,8 @@ use std::path::PathBuf;
 
 use progdiff_stages::fid::{
     Classifier, ClassifierConfig, Extractor, FidError, Statistics, Target, frechet_distance,
-    frechet_distance_with, load_folder, read_stats, rotate_quarters, write_stats,
+    frechet_distance_with, load_folder, read_stats, rotate_quarters, statistics_from_features,
+    write_stats,
 };
 use serde_json::Value;
 use tch::{Device, Kind, Tensor};

@@ -5,7 +5,6 @@
 mod prune_fixture;
 
 use std::collections::BTreeMap;
-use std::path::Path;
 
 use progdiff_stages::checkpoint::Checkpoint;
 use progdiff_stages::context::{StageContext, UpstreamOutputs};
@@ -16,7 +15,7 @@ use progdiff_stages::prune::budget::{
 };
 use progdiff_stages::prune::importance::{self, LossBatch};
 use progdiff_stages::prune::search::{Bank, BankEntry, BankFile};
-use progdiff_stages::prune::{self, Plan, PruneInputs, PruneParams, Structure};
+use progdiff_stages::prune::{self, Plan, PruneParams, Structure};
 use progdiff_stages::unet::UNetArch;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -404,10 +403,8 @@ fn a_seed_bank_starts_the_search_from_another_groups_plans_re_measured() {
     // References that resolve to no bank fail before any work.
     let c3 = ctx(root.path(), "bad", "k-bad", 0, ups.clone());
     let try_seed = |seed: &str| {
-        let data = data();
-        let d = diffusion();
-        let inputs = PruneInputs { data: &data, diffusion: &d, manifest_dir: Path::new(".") };
-        format!("{:#}", prune::run(&c3, &search(Some(seed), 1), &inputs).unwrap_err())
+        let inputs = prune_inputs(&search(Some(seed), 1));
+        format!("{:#}", prune::run(&c3, &inputs).unwrap_err())
     };
     let e = try_seed("nowhere");
     assert!(e.contains("stage `nowhere` is not upstream of `bad`"), "{e}");

@@ -7,13 +7,14 @@ use std::path::Path;
 use progdiff_stages::allocate::{AllocateParams, Allocation, FlopsSchedule, allocate};
 use progdiff_stages::checkpoint::Checkpoint;
 use progdiff_stages::config::{DiffusionConfig, ModelConfig};
-use progdiff_stages::context::{CancelToken, StageContext};
+use progdiff_stages::context::StageContext;
 use progdiff_stages::cost::cost;
 use progdiff_stages::diffusion::{
     GaussianDiffusion, NoiseSource, SampleOptions, Sampler, SeededNoise, to_uint8_images,
 };
 use progdiff_stages::image_io::{GRID_PADDING, write_png_grid, write_pngs};
-use progdiff_stages::import::{self, EMA_FILE, IMPORTED_FROM, ImportParams, MODEL_FILE};
+use progdiff_stages::import::{self, EMA_FILE, IMPORTED_FROM, Import, ImportParams, MODEL_FILE};
+use progdiff_stages::kind::{Sections, StageKind};
 use progdiff_stages::sample::{
     ImageNoise, ModelSet, SampleConfig, SampleError, load_unet, sample, sample_batches,
 };
@@ -481,19 +482,21 @@ fn sampled_images_write_as_a_grid() {
 // Import
 
 fn stage_context(dir: &Path) -> StageContext {
-    let ctx = StageContext {
-        id: "base".into(),
-        group: None,
-        device: "cpu".into(),
-        seed: 0,
-        inputs: Vec::new(),
-        out_dir: dir.join("out"),
-        work_dir: dir.join("work"),
-        cancel: CancelToken::new(),
-        progress: false,
-    };
+    let ctx = StageContext::new("base", dir.join("out"), dir.join("work"));
     std::fs::create_dir_all(&ctx.out_dir).unwrap();
     ctx
+}
+
+/// Runs an `import` stage of `params` in a manifest in `dir` with `model:`.
+fn import_run(
+    ctx: &StageContext,
+    params: &ImportParams,
+    model: &ModelConfig,
+    dir: &Path,
+) -> anyhow::Result<()> {
+    let diffusion = DiffusionConfig::default();
+    let sections = Sections { seed: 0, data: None, model, diffusion: &diffusion, dir };
+    import::run(ctx, &Import::inputs(params, &sections))
 }
 
 /// Writes `ckpt`'s tensors as a plain state dict (what the Python conversion produces: no
@@ -529,13 +532,16 @@ fn import_writes_model_and_ema_outputs() {
     // Float64 on disk: the outputs are float32.
     write_state_dict(&source, &dir.path().join("ckpt/model.safetensors"), Kind::Double);
     let params = ImportParams { path: "ckpt/model.safetensors".into(), ema_path: None };
-    import::run(&ctx, &params, &tiny_config(), dir.path()).unwrap();
+    import_run(&ctx, &params, &tiny_config(), dir.path()).unwrap();
 
     assert_eq!(output_names(&ctx), [EMA_FILE, MODEL_FILE]);
     let model = Checkpoint::load(&ctx.out_dir.join(MODEL_FILE)).unwrap();
     let ema = Checkpoint::load(&ctx.out_dir.join(EMA_FILE)).unwrap();
     assert_eq!(model.arch, tiny_arch());
-    assert_eq!(model.state[IMPORTED_FROM], "ckpt/model.safetensors");
+    // The source is recorded by content (its path is not part of the key).
+    let source_file = dir.path().join("ckpt/model.safetensors");
+    assert_eq!(model.state[IMPORTED_FROM], import::content_label(&source_file).unwrap());
+    assert!(model.state[IMPORTED_FROM].starts_with("blake3:"));
     assert!(model.tensors.values().all(|t| t.kind() == Kind::Float));
     // Without `ema_path`, the EMA output is the same weights.
     assert_same_weights(&model, &source);
@@ -551,11 +557,12 @@ fn import_takes_separate_ema_weights() {
     write_state_dict(&ema, &dir.path().join("e.safetensors"), Kind::Half);
     let params =
         ImportParams { path: "m.safetensors".into(), ema_path: Some("e.safetensors".into()) };
-    import::run(&ctx, &params, &tiny_config(), dir.path()).unwrap();
+    import_run(&ctx, &params, &tiny_config(), dir.path()).unwrap();
 
     assert_same_weights(&Checkpoint::load(&ctx.out_dir.join(MODEL_FILE)).unwrap(), &weights);
     let got = Checkpoint::load(&ctx.out_dir.join(EMA_FILE)).unwrap();
-    assert_eq!(got.state[IMPORTED_FROM], "e.safetensors");
+    let ema_file = dir.path().join("e.safetensors");
+    assert_eq!(got.state[IMPORTED_FROM], import::content_label(&ema_file).unwrap());
     for (name, t) in &ema.tensors {
         // Rounded through float16 on disk.
         let want = t.to_kind(Kind::Half).to_kind(Kind::Float);
@@ -572,7 +579,7 @@ fn import_names_the_first_mismatching_tensor() {
         UNetArch::from_config(&ModelConfig { learn_sigma: false, ..tiny_config() }).unwrap();
     write_state_dict(&checkpoint(&fixed_sigma, 1), &dir.path().join("m.safetensors"), Kind::Float);
     let params = ImportParams { path: "m.safetensors".into(), ema_path: None };
-    let err = import::run(&ctx, &params, &tiny_config(), dir.path()).unwrap_err();
+    let err = import_run(&ctx, &params, &tiny_config(), dir.path()).unwrap_err();
     let path = dir.path().join("m.safetensors");
     assert_eq!(
         err.to_string(),
@@ -590,7 +597,7 @@ fn import_names_the_first_mismatching_tensor() {
     let mut partial = checkpoint(&tiny_arch(), 1);
     partial.tensors.remove("middle_block.0.in_layers.0.weight");
     write_state_dict(&partial, &path, Kind::Float);
-    let err = import::run(&ctx, &params, &tiny_config(), dir.path()).unwrap_err().to_string();
+    let err = import_run(&ctx, &params, &tiny_config(), dir.path()).unwrap_err().to_string();
     assert!(
         err.contains(
             "tensor `middle_block.0.in_layers.0.weight` expected shape [32], not in the file\n"
@@ -604,7 +611,7 @@ fn import_names_the_first_mismatching_tensor() {
         .tensors
         .insert("label_emb.weight".into(), Tensor::zeros([10, 128], (Kind::Float, Device::Cpu)));
     write_state_dict(&extra, &path, Kind::Float);
-    let err = import::run(&ctx, &params, &tiny_config(), dir.path()).unwrap_err().to_string();
+    let err = import_run(&ctx, &params, &tiny_config(), dir.path()).unwrap_err().to_string();
     assert!(
         err.contains(
             "tensor `label_emb.weight` found shape [10, 128], not part of the architecture\n"
@@ -619,17 +626,20 @@ fn import_rejects_files_that_are_not_safetensors() {
     let ctx = stage_context(dir.path());
     std::fs::write(dir.path().join("m.safetensors"), b"not a checkpoint").unwrap();
     let params = ImportParams { path: "m.safetensors".into(), ema_path: None };
-    let err = import::run(&ctx, &params, &tiny_config(), dir.path()).unwrap_err().to_string();
+    let err = import_run(&ctx, &params, &tiny_config(), dir.path()).unwrap_err().to_string();
     assert!(err.contains("is not a readable safetensors file"), "{err}");
 
+    // A PyTorch pickle is refused when the manifest is validated.
     let pickle = ImportParams { path: "model.pt".into(), ema_path: None };
-    let err = import::run(&ctx, &pickle, &tiny_config(), dir.path()).unwrap_err().to_string();
+    let errs = pickle.validate();
+    assert_eq!(errs.len(), 1);
     assert!(
-        err.starts_with(
-            "invalid `import` parameters: `path` must be a safetensors file, got the PyTorch file \
-             `model.pt`\nhint: convert it with `safetensors.torch.save_file("
+        errs[0].message.starts_with(
+            "must be a safetensors file, got the PyTorch file `model.pt`\nhint: convert it with \
+             `safetensors.torch.save_file("
         ),
-        "{err}"
+        "{}",
+        errs[0].message
     );
 }
 
@@ -641,7 +651,7 @@ fn imported_weights_sample_like_the_source() {
     let source = checkpoint(&tiny_arch(), 5);
     write_state_dict(&source, &dir.path().join("m.safetensors"), Kind::Float);
     let params = ImportParams { path: "m.safetensors".into(), ema_path: None };
-    import::run(&ctx, &params, &tiny_config(), dir.path()).unwrap();
+    import_run(&ctx, &params, &tiny_config(), dir.path()).unwrap();
     let imported = ModelSet::single(load_unet(&ctx.out_dir.join(EMA_FILE), Device::Cpu).unwrap());
     let cfg = config(2, 2, 4);
     let a = sample(&imported, &diffusion(), &cfg).unwrap().images;

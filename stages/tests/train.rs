@@ -6,10 +6,11 @@ use std::path::{Path, PathBuf};
 
 use progdiff_stages::checkpoint::Checkpoint;
 use progdiff_stages::config::{DiffusionConfig, ModelConfig};
-use progdiff_stages::context::{CancelToken, StageContext, UpstreamOutputs};
+use progdiff_stages::context::{StageContext, UpstreamOutputs};
 use progdiff_stages::data::DataConfig;
+use progdiff_stages::kind::{Sections, StageKind};
 use progdiff_stages::schedule::NoiseSchedule;
-use progdiff_stages::train::{self, TrainInputs, TrainParams};
+use progdiff_stages::train::{self, Train, TrainInputs, TrainParams};
 
 fn data() -> DataConfig {
     serde_json::from_value(serde_json::json!({
@@ -41,24 +42,22 @@ fn ctx(root: &Path, name: &str, work: &Path, inputs: Vec<UpstreamOutputs>) -> St
     let out = root.join(name);
     std::fs::create_dir_all(&out).unwrap();
     std::fs::create_dir_all(work).unwrap();
-    StageContext {
-        id: name.to_string(),
-        group: None,
-        device: "cpu".into(),
-        seed: 11,
-        inputs,
-        out_dir: out,
-        work_dir: work.to_path_buf(),
-        cancel: CancelToken::new(),
-        progress: false,
-    }
+    let mut c = StageContext::new(name, out, work.to_path_buf());
+    c.inputs = inputs;
+    c
+}
+
+/// The inputs of a train stage with `p` in the tests' manifest (seed 11).
+fn inputs(p: &TrainParams) -> TrainInputs {
+    let (d, m, f) = (data(), model(), diffusion());
+    let sections =
+        Sections { seed: 11, data: Some(&d), model: &m, diffusion: &f, dir: Path::new(".") };
+    Train::inputs(p, &sections)
 }
 
 fn run(c: &StageContext, p: &TrainParams) {
     tch::set_num_threads(1);
-    let (d, m, f) = (data(), model(), diffusion());
-    let inputs = TrainInputs { data: &d, model: &m, diffusion: &f, manifest_dir: Path::new(".") };
-    train::run(c, p, &inputs).unwrap();
+    train::run(c, &inputs(p)).unwrap();
 }
 
 fn metrics(dir: &Path) -> Vec<serde_json::Value> {

@@ -182,7 +182,8 @@ fn run_job(
     let prepared = progdiff_stages::run::prepare(&job.kind, &job.inputs)
         .with_context(|| format!("job `{}` in `{}`", job.id, path.display()))?;
     let root = cache_dir.unwrap_or_else(|| job.cache.clone());
-    let cache = Cache::open(&root).with_context(|| format!("opening cache `{}`", root.display()))?;
+    let cache =
+        Cache::open(&root).with_context(|| format!("opening cache `{}`", root.display()))?;
     tracing::info!(stage = %job.id, kind = %job.kind, key = %job.key.short(), "job");
     job::execute(&job, prepared, &cache, report, cancel)
 }
@@ -227,11 +228,7 @@ struct Forward {
 }
 
 impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Forward {
-    fn on_event(
-        &self,
-        event: &tracing::Event<'_>,
-        _: tracing_subscriber::layer::Context<'_, S>,
-    ) {
+    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
         let level = *event.metadata().level();
         if level > tracing::Level::WARN {
             return;

@@ -793,4 +793,3 @@ fn remove_path(value: &mut Value, segs: &[String]) -> bool {
         _ => false,
     }
 }
-

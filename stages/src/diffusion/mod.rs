@@ -23,11 +23,11 @@ pub mod noise;
 mod process;
 pub mod sampling;
 
-pub use progdiff_kinds::diffusion::{DiffusionError, Respacing, respacing, space_timesteps};
 pub use noise::{FixedNoise, NoiseSource, SeededNoise, TorchNoise};
 pub use process::{
     GaussianDiffusion, Losses, MeanVariance, Posterior, ProcessTables, VarianceKind, VbTerms,
 };
+pub use progdiff_kinds::diffusion::{DiffusionError, Respacing, respacing, space_timesteps};
 pub use sampling::{
     SampleModel, SampleOptions, SampleStep, Sampler, StepProgress, to_uint8_images,
 };

@@ -9,7 +9,6 @@ use tch::{CModule, Device, IValue, Kind, Tensor};
 use super::FidError;
 use super::classifier::Classifier;
 
-
 /// What an extractor is, as written next to it in the cache (`extractor.json`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "kebab-case")]

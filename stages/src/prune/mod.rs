@@ -22,7 +22,9 @@ pub mod search;
 pub mod stage;
 pub mod structure;
 
-pub use progdiff_kinds::prune::{BANK_FILE, KIND, PruneInputs, REPORT_FILE, VERSION, params};
+pub use progdiff_kinds::prune::{
+    BANK_FILE, KIND, Prune, PruneInputs, REPORT_FILE, VERSION, params,
+};
 pub use progdiff_kinds::prune::{ProxyParams, PruneParams, SeedRef};
 pub use stage::{PruneReport, run};
 pub use structure::{Plan, Structure, Unit, UnitKind};

@@ -15,10 +15,10 @@ use crate::diffusion::GaussianDiffusion;
 use crate::schedule::ScheduleTable;
 use crate::train::{EMA_FILE, InitFrom, MODEL_FILE, parse_device};
 
+use super::PruneInputs;
 use super::budget::{ScorePriority, fit};
 use super::importance::{self, LossBatch};
 use super::params::{ProxyParams, PruneParams, SeedRef};
-use super::PruneInputs;
 use super::search::{Bank, BankEntry, BankFile};
 use super::structure::{Plan, Scores, Structure, UnitKind};
 use super::{BANK_FILE, REPORT_FILE};

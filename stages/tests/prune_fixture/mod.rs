@@ -6,13 +6,14 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use progdiff_stages::allocate::{self, AllocateParams};
+use progdiff_stages::allocate::{self, AllocateParams, SnrAllocate};
 use progdiff_stages::checkpoint::Checkpoint;
 use progdiff_stages::config::{DiffusionConfig, ModelConfig};
-use progdiff_stages::context::{CancelToken, StageContext, UpstreamOutputs};
+use progdiff_stages::context::{StageContext, UpstreamOutputs};
 use progdiff_stages::data::DataConfig;
+use progdiff_stages::kind::{Sections, StageKind};
 use progdiff_stages::prune::search::Bank;
-use progdiff_stages::prune::{self, PruneInputs, PruneParams};
+use progdiff_stages::prune::{self, Prune, PruneInputs, PruneParams};
 use progdiff_stages::schedule::NoiseSchedule;
 use progdiff_stages::unet::{UNet, UNetArch};
 use serde_json::Value;
@@ -72,17 +73,20 @@ pub fn ctx(
     let work = root.join("cache/v1/work").join(work_key);
     std::fs::create_dir_all(&out).unwrap();
     std::fs::create_dir_all(&work).unwrap();
-    StageContext {
-        id: name.to_string(),
-        group: Some(group),
-        device: "cpu".into(),
-        seed: 5,
-        inputs,
-        out_dir: out,
-        work_dir: work,
-        cancel: CancelToken::new(),
-        progress: false,
-    }
+    let mut c = StageContext::new(name, out, work);
+    c.group = Some(group);
+    c.inputs = inputs;
+    c
+}
+
+/// The inputs of a prune stage with `p` in the fixture's manifest (seed 5).
+pub fn prune_inputs(p: &PruneParams) -> PruneInputs {
+    let data = data();
+    let d = diffusion();
+    let model = ModelConfig::default();
+    let sections =
+        Sections { seed: 5, data: Some(&data), model: &model, diffusion: &d, dir: Path::new(".") };
+    Prune::inputs(p, &sections)
 }
 
 /// Base checkpoint and allocation as upstream outputs.
@@ -95,7 +99,10 @@ pub fn upstream(root: &Path) -> Vec<UpstreamOutputs> {
     actx.group = None;
     let ap: AllocateParams =
         serde_json::from_value(serde_json::json!({ "groups": 2, "k": 0.5 })).unwrap();
-    allocate::run(&actx, &ap, &diffusion()).unwrap();
+    let d = diffusion();
+    let model = ModelConfig::default();
+    let sections = Sections { seed: 5, data: None, model: &model, diffusion: &d, dir: root };
+    allocate::run(&actx, &SnrAllocate::inputs(&ap, &sections)).unwrap();
     vec![
         UpstreamOutputs {
             id: "base".into(),
@@ -118,10 +125,7 @@ pub fn upstream(root: &Path) -> Vec<UpstreamOutputs> {
 /// Runs the stage; its report.
 pub fn try_run(c: &StageContext, p: &PruneParams) -> anyhow::Result<Value> {
     tch::set_num_threads(1);
-    let data = data();
-    let d = diffusion();
-    let inputs = PruneInputs { data: &data, diffusion: &d, manifest_dir: Path::new(".") };
-    prune::run(c, p, &inputs)?;
+    prune::run(c, &prune_inputs(p))?;
     Ok(serde_json::from_slice(&std::fs::read(c.out_dir.join("report.json"))?)?)
 }
 
