@@ -374,6 +374,13 @@ pub fn run(
     if let Some(m) = &printer.multi {
         let _ = m.clear();
     }
+    // A worker that died (SIGKILL, abort) leaves its staging directory in `tmp/`: sweep it now
+    // that every worker has ended (only if no other process is writing to the cache).
+    match cache.sweep_tmp() {
+        Ok(n) if n > 0 => tracing::debug!("removed {n} leftovers of ended workers from tmp/"),
+        Ok(_) => {}
+        Err(e) => tracing::warn!("sweeping the cache's tmp/: {e}"),
+    }
 
     let interrupted = cancel.is_cancelled();
     let stages: Vec<StageOutcome> = (0..n)

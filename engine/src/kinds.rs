@@ -459,7 +459,7 @@ mod tests {
     fn prune_single_group_key_covers_what_it_reads() {
         let stage = json!({ "kind": "prune", "needs": ["base", "allocate", "seed"], "group": 1,
                             "seed_bank": "seed", "proxy": { "kind": "search", "rounds": 1 } });
-        let mut table = vec![
+        let table = vec![
             ("stage.group", json!(0), Key),
             ("stage.seed_bank", json!(null), Key),
             ("stage.budget", json!(0.7), Key),

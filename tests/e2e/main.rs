@@ -10,3 +10,4 @@ mod prune;
 mod sweep;
 mod train;
 mod validate;
+mod worker;

@@ -105,6 +105,8 @@ pub struct Manifest {
     pub file: String,
     /// Directory relative paths in the manifest resolve against.
     pub dir: PathBuf,
+    /// `dir` made absolute (what stages' inputs carry).
+    pub abs_dir: PathBuf,
     /// Experiment name (defaults to the file stem); namespaces plan history in the cache.
     pub name: String,
     /// Seed for every stage that draws random numbers.
@@ -140,8 +142,6 @@ impl Experiment {
             .map_err(|source| ManifestError::Read { path: path.to_path_buf(), source })?;
         let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
         let dir = if dir.as_os_str().is_empty() { PathBuf::from(".") } else { dir };
-        // Absolute, so that a job's file locations hold wherever its worker starts.
-        let dir = std::path::absolute(&dir).unwrap_or(dir);
         let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
         Experiment::parse(&text, &path.display().to_string(), &dir, &stem)
             .map_err(ManifestError::Invalid)
@@ -242,7 +242,7 @@ impl Manifest {
             data: self.data.as_ref(),
             model: &self.model,
             diffusion: &self.diffusion,
-            dir: &self.dir,
+            dir: &self.abs_dir,
         }
     }
 }
@@ -368,6 +368,8 @@ impl Cx {
         Some(Manifest {
             file: self.files[0].clone(),
             dir: dir.to_path_buf(),
+            // Absolute, so that a job's file locations hold wherever its worker starts.
+            abs_dir: std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf()),
             name: name?,
             seed: seed?,
             data: data?,
