@@ -31,7 +31,7 @@ use progdiff_cache::Cache;
 use progdiff_kinds::context::{CancelToken, Event};
 use serde::Serialize;
 
-use crate::job::{JOB_FORMAT, Job, Upstream, complete_record, outputs_of};
+use crate::job::{Job, complete_record, outputs_of};
 use crate::plan::{Plan, PlannedStage};
 
 /// How to run.
@@ -249,7 +249,7 @@ pub fn run(
                 let Some(slot) = free.iter_mut().find(|(_, c)| *c > 0) else { break };
                 slot.1 -= 1;
                 let device = slot.0.clone();
-                let job = job_for(stage, &deps[i], plan, cache, &device, opts);
+                let job = Job::for_stage(plan, i, cache, &device, opts.threads);
                 match spawn(&job, cache, opts, &device, i, tx.clone()) {
                     Ok((child, log)) => {
                         workers.add(child.id() as i32);
@@ -437,41 +437,6 @@ fn set_refs(cache: &Cache, stage: &PlannedStage) {
         if let Err(e) = cache.set_ref(namespace, id, &stage.key) {
             tracing::warn!("recording the plan history of `{}`: {e}", stage.id);
         }
-    }
-}
-
-/// The job of instance `stage`: its inputs, its upstream instances by key, and where it runs.
-fn job_for(
-    stage: &PlannedStage,
-    deps: &[usize],
-    plan: &Plan,
-    cache: &Cache,
-    device: &str,
-    opts: &RunOptions,
-) -> Job {
-    Job {
-        format: JOB_FORMAT,
-        key: stage.key,
-        id: stage.local_id.clone(),
-        stage: crate::plan::stage_name(&stage.local_id).to_string(),
-        kind: stage.kind.clone(),
-        group: stage.group,
-        inputs: stage.inputs.clone(),
-        upstream: deps
-            .iter()
-            .map(|&d| {
-                let up = &plan.stages[d];
-                Upstream {
-                    id: up.local_id.clone(),
-                    kind: up.kind.clone(),
-                    group: up.group,
-                    key: up.key,
-                }
-            })
-            .collect(),
-        device: if device == "cpu" { "cpu".into() } else { "cuda:0".into() },
-        threads: opts.threads,
-        cache: std::path::absolute(cache.root()).unwrap_or_else(|_| cache.root().to_path_buf()),
     }
 }
 

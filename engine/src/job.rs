@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::fingerprint::{FINGERPRINT_FORMAT, Fingerprint};
-use crate::plan::MISSING_INPUT;
+use crate::plan::{MISSING_INPUT, Plan, stage_name};
 
 /// Version of the job description format.
 pub const JOB_FORMAT: u32 = 1;
@@ -75,6 +75,42 @@ pub struct Upstream {
 }
 
 impl Job {
+    /// The job of instance `index` of `plan`, to run on `device` (`cpu` or `cuda:N`: the job
+    /// says `cuda:0`, the coordinator sets `CUDA_VISIBLE_DEVICES`) with `threads`.
+    pub fn for_stage(
+        plan: &Plan,
+        index: usize,
+        cache: &Cache,
+        device: &str,
+        threads: usize,
+    ) -> Job {
+        let stage = &plan.stages[index];
+        let upstream = stage
+            .needs
+            .iter()
+            .filter_map(|id| plan.stages.iter().find(|s| &s.id == id))
+            .map(|up| Upstream {
+                id: up.local_id.clone(),
+                kind: up.kind.clone(),
+                group: up.group,
+                key: up.key,
+            })
+            .collect();
+        Job {
+            format: JOB_FORMAT,
+            key: stage.key,
+            id: stage.local_id.clone(),
+            stage: stage_name(&stage.local_id).to_string(),
+            kind: stage.kind.clone(),
+            group: stage.group,
+            inputs: stage.inputs.clone(),
+            upstream,
+            device: if device == "cpu" { "cpu".into() } else { "cuda:0".into() },
+            threads,
+            cache: std::path::absolute(cache.root()).unwrap_or_else(|_| cache.root().to_path_buf()),
+        }
+    }
+
     /// Reads a job description file.
     pub fn read(path: &Path) -> anyhow::Result<Job> {
         let bytes = std::fs::read(path)
@@ -244,4 +280,62 @@ pub fn execute(
     cache.publish(&record)?;
     cache.remove_work_dir(&key)?;
     Ok(Done { hit: false, outputs: outputs_of(cache, &record), seconds: duration_s })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifest::Experiment;
+
+    /// The key a worker re-derives from a job equals the key the coordinator planned, for every
+    /// kind (external files included), and an edited description does not.
+    #[test]
+    fn the_worker_derives_the_planned_key_for_every_kind() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("w.safetensors"), b"weights").unwrap();
+        std::fs::write(dir.path().join("ext.pt"), b"module").unwrap();
+        std::fs::write(dir.path().join("in.txt"), b"input").unwrap();
+        let text = "
+name: keys
+seed: 5
+data: { kind: synthetic, n: 16, image_size: 8, channels: gray }
+model: { image_size: 8, in_channels: 1, channels: 32, channel_mult: [1], res_blocks: 1,
+         attention_resolutions: [], heads: 1 }
+diffusion: { steps: 40, schedule: cosine, sample_steps: '10' }
+stages:
+  imp: { kind: import, path: w.safetensors }
+  base: { kind: train, steps: 3, batch_size: 2 }
+  allocate: { kind: snr-allocate, groups: 2, k: 0.5 }
+  prune: { kind: prune, needs: [base, allocate], for_each: group, proxy: { kind: magnitude } }
+  ft: { kind: train, needs: [prune, allocate], for_each: group, steps: 2 }
+  feats: { kind: fid-extractor, steps: 3 }
+  feats2: { kind: fid-extractor, extractor: torchscript, path: ext.pt }
+  ev: { kind: evaluate, needs: [ft, allocate, feats], samples: 4, label: a row }
+  cmd: { kind: command, run: 'true', inputs: [in.txt] }
+";
+        let exp = Experiment::parse(text, "keys.yaml", dir.path(), "keys").unwrap();
+        let cache = Cache::open(dir.path().join("cache")).unwrap();
+        let plan = crate::plan::plan_experiment(&exp, &cache).unwrap();
+        assert_eq!(plan.stages.len(), 11);
+        let prepared = |job: &Job| {
+            let (version, inputs) =
+                progdiff_kinds::kind::canonical_of(&job.kind, &job.inputs).unwrap();
+            Prepared::new(version, inputs, Box::new(|_| Ok(())))
+        };
+        for i in 0..plan.stages.len() {
+            let job = Job::for_stage(&plan, i, &cache, "cpu", 1);
+            // Through the description file, as a worker reads it.
+            let path = cache.write_job(&job.key, &serde_json::to_vec(&job).unwrap()).unwrap();
+            let read = Job::read(&path).unwrap();
+            assert_eq!(read, job);
+            let fp = read.fingerprint(&prepared(&read), &cache).unwrap();
+            assert_eq!(fp.key(), plan.stages[i].key, "`{}`", job.id);
+            assert_eq!(fp, plan.stages[i].fingerprint, "`{}`", job.id);
+        }
+        // A changed external file changes the re-derived key (the worker refuses the job).
+        let imp = plan.stages.iter().position(|s| s.id == "imp").unwrap();
+        let job = Job::for_stage(&plan, imp, &cache, "cpu", 1);
+        std::fs::write(dir.path().join("w.safetensors"), b"other weights").unwrap();
+        assert_ne!(job.fingerprint(&prepared(&job), &cache).unwrap().key(), job.key);
+    }
 }

@@ -355,3 +355,17 @@ impl Prepared {
         (self.run)(ctx)
     }
 }
+
+/// [`canonical_inputs`] of kind `kind` (named at run time), with its version.
+pub fn canonical_of(kind: &str, inputs: &Value) -> Result<(u32, Value), String> {
+    macro_rules! find {
+        ($($k:path),* $(,)?) => {
+            $(if kind == <$k as StageKind>::KIND {
+                let (_, value) = canonical_inputs::<$k>(inputs)?;
+                return Ok((<$k as StageKind>::VERSION, value));
+            })*
+        };
+    }
+    for_each_kind!(find);
+    Err(format!("unknown stage kind `{kind}`"))
+}
