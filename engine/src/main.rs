@@ -418,13 +418,18 @@ fn real_main(cli: Cli) -> anyhow::Result<u8> {
                 batch_size: *batch_size,
                 device: device.clone(),
             };
-            let stats_a = progdiff::report::statistics_of(a, &opts)?;
             if *save_stats {
+                let stats_a = progdiff::report::statistics_of(a, &opts)?;
                 progdiff_kinds::fid::write_stats(&stats_a, b)?;
                 writeln!(out, "wrote the statistics of `{}` to `{}`", a.display(), b.display())?;
             } else {
-                let stats_b = progdiff::report::statistics_of(b, &opts)?;
-                let d = progdiff_kinds::fid::frechet_distance(&stats_a, &stats_b)?;
+                // Both statistics at once (decompressing a 2048-d `.npz` is a tenth of a second).
+                let (stats_a, stats_b) = std::thread::scope(|s| {
+                    let b = s.spawn(|| progdiff::report::statistics_of(b, &opts));
+                    let a = progdiff::report::statistics_of(a, &opts);
+                    (a, b.join().expect("reading statistics does not panic"))
+                });
+                let d = progdiff_kinds::fid::frechet_distance(&stats_a?, &stats_b?)?;
                 writeln!(out, "FID: {d}")?;
             }
             Ok(0)

@@ -329,6 +329,9 @@ pub fn version_of(kind: &str) -> Option<u32> {
     None
 }
 
+/// A stage's work on its (captured) inputs.
+pub type RunFn = Box<dyn FnOnce(&StageContext) -> anyhow::Result<()>>;
+
 /// A job's inputs checked against their kind and ready to run (built by the worker's registry
 /// of `run` functions).
 pub struct Prepared {
@@ -337,16 +340,12 @@ pub struct Prepared {
     /// The inputs in canonical form ([`canonical_inputs`]): the key is computed from this value,
     /// and `run` receives exactly it.
     pub inputs: Value,
-    run: Box<dyn FnOnce(&StageContext) -> anyhow::Result<()>>,
+    run: RunFn,
 }
 
 impl Prepared {
     /// Inputs of a kind with `version`, and the closure that runs them.
-    pub fn new(
-        version: u32,
-        inputs: Value,
-        run: Box<dyn FnOnce(&StageContext) -> anyhow::Result<()>>,
-    ) -> Prepared {
+    pub fn new(version: u32, inputs: Value, run: RunFn) -> Prepared {
         Prepared { version, inputs, run }
     }
 

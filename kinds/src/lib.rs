@@ -1,7 +1,7 @@
 //! # progdiff-kinds
 //!
-//! The torch-free half of progdiff's stages: every stage kind's parameters (serde + JSON Schema
-//! + validation), the manifest sections they read, their hashed inputs ([`kind`]), the one
+//! The torch-free half of progdiff's stages: every stage kind's parameters (serde, JSON Schema,
+//! validation), the manifest sections they read, their hashed inputs ([`kind`]), the one
 //! registry of kinds ([`for_each_kind!`]), and the work that needs no tensors (noise schedules,
 //! the SNR allocation of paper eq. 7-10, `command` stages, FID on statistics, dataset listings).
 //!

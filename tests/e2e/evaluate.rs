@@ -92,7 +92,7 @@ fn ci_evaluate_manifest_reports_baseline_and_progressive_rows() {
     for name in ["a.png", "b.png", "c.png"] {
         std::fs::copy(&grid, folder.join(name)).unwrap();
     }
-    let module = repo().join("stages/tests/fixtures/fid/tiny_extractor.pt");
+    let module = repo().join("kinds/tests/fixtures/fid/tiny_extractor.pt");
     let module = module.to_str().unwrap();
     let out = p.run(&[
         "fid",

@@ -383,7 +383,7 @@ pub fn cifar10_files(dir: &Path, split: Split) -> Vec<PathBuf> {
     }
 }
 
-/// File extensions a `folder` dataset reads.
+/// File extensions a `folder` dataset reads (compared case-insensitively).
 pub const IMAGE_EXTENSIONS: &[&str] = &["png", "jpg", "jpeg"];
 
 /// Every image file under `dir`, in path order; an error when there is none.

@@ -1,11 +1,16 @@
-//! FID on statistics, torch-free: pytorch-fid's `.npz` statistics files both ways and the
-//! Fréchet distance between two Gaussians. Feature extraction (which needs a network) is
-//! `progdiff_stages::fid`.
+//! FID on statistics, torch-free: pytorch-fid's `.npz` statistics files both ways, the
+//! statistics of feature vectors, and the Fréchet distance between two Gaussians on `faer`
+//! ([`frechet_distance`]; the method and its agreement with pytorch-fid are in its module).
+//! Feature extraction (which needs a network) is `progdiff_stages::fid`.
 
+mod frechet;
 mod npz;
 
 use std::path::PathBuf;
 
+pub use frechet::{
+    MAX_IMAGINARY, SQRTM_EPS, frechet_distance, frechet_distance_with, trace_sqrt_product,
+};
 pub use npz::{read_stats, write_stats};
 
 /// Why an FID could not be computed.
@@ -80,9 +85,4 @@ impl Statistics {
     pub fn dim(&self) -> usize {
         self.mu.len()
     }
-}
-
-/// PLACEHOLDER until the faer implementation lands.
-pub fn frechet_distance(_a: &Statistics, _b: &Statistics) -> Result<f64, FidError> {
-    Err(FidError::NotFinite)
 }

@@ -18,8 +18,6 @@ const DOWNLOAD_HINT: &str = "download the binary version from \
     https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz and point `path` at its \
     `cifar-10-batches-bin` directory";
 
-/// The files of a split.
-
 pub(crate) struct Cifar10 {
     files: Vec<(PathBuf, Vec<u8>)>,
     /// `starts[k]`: global index of file k's first record; one past the end last.

@@ -152,10 +152,9 @@ impl Dataset {
     /// Image `i` as a float tensor `[C, H, W]` in `[-1, 1]`, never flipped.
     pub fn get(&self, i: usize) -> Result<Tensor, DataError> {
         let (c, h, w) = self.image_shape();
-        Ok(self
-            .batch_with_flips(&[i], &[false])?
+        self.batch_with_flips(&[i], &[false])?
             .f_view([c as i64, h as i64, w as i64])
-            .map_err(tensor_error)?)
+            .map_err(tensor_error)
     }
 
     /// Images `indices` as a float tensor `[B, C, H, W]` in `[-1, 1]` (`x / 127.5 - 1`), each
@@ -198,7 +197,7 @@ impl Dataset {
         results.into_iter().collect::<Result<(), _>>()?;
         let (c, h, w) = self.image_shape();
         let shape = [indices.len() as i64, c as i64, h as i64, w as i64];
-        Ok(Tensor::f_from_slice(&buf).and_then(|t| t.f_view(shape)).map_err(tensor_error)?)
+        Tensor::f_from_slice(&buf).and_then(|t| t.f_view(shape)).map_err(tensor_error)
     }
 
     fn write_image(&self, i: usize, flip: bool, out: &mut [f32]) -> Result<(), DataError> {

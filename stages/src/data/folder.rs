@@ -11,8 +11,6 @@ use super::dataset::Source;
 use super::folder_files as files;
 use super::transform::RawImage;
 
-/// File extensions read, compared case-insensitively.
-
 /// Each image is decoded to 1 channel when it is grayscale, else to 3 (alpha dropped); the
 /// transform pipeline converts to the dataset's channels, so `channels: keep` follows the
 /// first image and a folder may mix gray and colour files.

@@ -2,21 +2,12 @@
 //! extractors progdiff can use and the `fid-extractor` stage that prepares one together with the
 //! dataset's reference statistics.
 //!
-//! - [`Statistics`] (float64 `mu`, `sigma` with ddof 1) and [`frechet_distance`], whose matrix
-//!   square root goes through symmetric eigendecompositions ([`trace_sqrt_product`]) rather
-//!   than scipy's Schur method, with pytorch-fid's `1e-6 * I` retry and imaginary-part check.
-//! - [`read_stats`] / [`write_stats`]: pytorch-fid's `.npz` statistics files, both ways.
+//! - [`Statistics`], [`frechet_distance`] (on faer, pytorch-fid's `1e-6 * I` retry and
+//!   imaginary-part check) and the `.npz` files ([`read_stats`] / [`write_stats`]) are the
+//!   torch-free `progdiff_kinds::fid`, re-exported; [`statistics_from_features`] computes
+//!   statistics from a feature tensor on any device.
 //! - [`Extractor`]: a TorchScript module (pytorch-fid's InceptionV3, exported by the user) or a
 //!   [`Classifier`] progdiff trains on the dataset ([`stage`]).
-//!
-//! # Agreement with pytorch-fid
-//!
-//! On well-conditioned statistics the two square roots agree to rounding. On singular ones
-//! (fewer samples than feature dimensions) scipy's `sqrtm` may return non-finite values, after
-//! which pytorch-fid retries with `1e-6` on the diagonals; the symmetric route stays finite there
-//! and needs no retry, and the two results then differ by the retry's perturbation (about 1e-7
-//! relative in the tests' fixture). The retry is kept for inputs whose square root still is not
-//! finite.
 
 mod classifier;
 mod extractor;
@@ -27,9 +18,9 @@ mod stats;
 pub use classifier::{Classifier, ClassifierConfig, rotate_quarters};
 pub use extractor::{Extractor, ExtractorSpec};
 pub use folder::load_folder;
-pub use progdiff_kinds::fid::{FidError, Statistics, read_stats, write_stats};
-pub use progdiff_kinds::fid_extractor::{INCEPTION_SIZE, Target};
-pub use stats::{
-    MAX_IMAGINARY, SQRTM_EPS, frechet_distance, frechet_distance_with, statistics_from_features,
-    trace_sqrt_product,
+pub use progdiff_kinds::fid::{
+    FidError, MAX_IMAGINARY, SQRTM_EPS, Statistics, frechet_distance, frechet_distance_with,
+    read_stats, trace_sqrt_product, write_stats,
 };
+pub use progdiff_kinds::fid_extractor::{INCEPTION_SIZE, Target};
+pub use stats::statistics_from_features;
