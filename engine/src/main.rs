@@ -683,7 +683,14 @@ fn print_summary(out: &mut impl Write, s: &RunSummary) -> anyhow::Result<()> {
         };
         write!(out, "{status:<7}  {:<width$}  {:>7.1}s", st.id, st.seconds)?;
         if let Some(e) = &st.error {
-            write!(out, "  {}", e.lines().next().unwrap_or(""))?;
+            // The error's first line beside the instance, the rest (how the worker ended, the
+            // last lines of its log, the log's path) indented below it.
+            let mut lines = e.lines();
+            writeln!(out, "  {}", lines.next().unwrap_or(""))?;
+            for l in lines {
+                writeln!(out, "         {l}")?;
+            }
+            continue;
         } else if st.status == RunStatus::Skipped {
             write!(out, "  {}", st.reasons.join("; "))?;
         }

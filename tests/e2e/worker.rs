@@ -249,3 +249,49 @@ fn progress_bars_of_concurrent_jobs_share_the_terminal() {
         "escape codes in piped output"
     );
 }
+
+#[test]
+fn ctrl_c_saves_the_training_resume_state_and_the_rerun_resumes_from_it() {
+    // No periodic checkpoint (`checkpoint_every` beyond the steps): only the interruption saves.
+    let manifest = format!(
+        "name: int{TRAIN}  t: {{ kind: train, steps: 400, batch_size: 4, lr: 1.0e-3, ema: 0.9, \
+         log_every: 50, checkpoint_every: 1000 }}\n"
+    );
+    let whole = Project::new();
+    whole.write("m.yaml", &manifest);
+    let (out, expected) = whole.json(&["run", "--json", "m.yaml"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    let p = Project::new();
+    p.write("m.yaml", &manifest);
+    let key = key_of(&p, "m.yaml", "t");
+    let child = p
+        .cmd(&["run", "--json", "m.yaml"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until the worker has trained a little (its log shows progress lines only at the end,
+    // so wait for the metrics log in its work area).
+    let t = Instant::now();
+    while !p.cache().join("v1/work").join(&key).join("metrics.jsonl").exists() {
+        assert!(t.elapsed() < Duration::from_secs(60), "training never started");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let sent = std::process::Command::new("kill").args(["-INT", &child.id().to_string()]).status();
+    assert!(sent.unwrap().success());
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(130), "{}", stderr(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status_of(&v, "t"), "skipped");
+    assert!(work_checkpoint(&p.cache(), &key).exists(), "the interrupted worker saved no state");
+    let (_, plan) = p.json(&["plan", "--json", "m.yaml"]);
+    assert_eq!(status_of(&plan, "t"), "run", "nothing was published");
+
+    let (out, v) = p.json(&["run", "--json", "m.yaml"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(digests(&v, "t"), digests(&expected, "t"));
+    let log = stdout(&p.run(&["log", "m.yaml", "t"]));
+    assert!(log.contains("resuming from the work area"), "{log}");
+}
