@@ -28,8 +28,8 @@ pub struct Cache {
     pub(crate) memo: Mutex<Option<BTreeMap<String, MemoEntry>>>,
 }
 
-const DIRS: [&str; 9] =
-    ["objects", "records", "refs", "locks", "work", "tmp", "index", "jobs", "logs"];
+const DIRS: [&str; 10] =
+    ["objects", "records", "refs", "locks", "work", "tmp", "index", "jobs", "logs", "leases"];
 
 impl Cache {
     /// Opens (creating if needed) the cache rooted at `root`, e.g. `.progdiff`.

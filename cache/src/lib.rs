@@ -22,6 +22,7 @@
 //! <root>/v1/index/files.json             memo of external file digests
 //! <root>/v1/jobs/ab/<key>.json           job descriptions (what a worker runs)
 //! <root>/v1/logs/ab/<key>.log            worker logs, every attempt appended
+//! <root>/v1/leases/ab/<key>.lease        per-key leases (locks across the nodes of a shared fs)
 //! ```
 //!
 //! Objects keep their full digest as file name (not git's 62-character tail) so a digest
@@ -80,6 +81,7 @@ mod error;
 mod file_index;
 mod gc;
 mod jobs;
+mod lease;
 mod lock;
 mod object;
 mod record;
@@ -93,6 +95,7 @@ pub use digest::{Digest, MMAP_THRESHOLD, ParseDigestError, hash_bytes, hash_file
 pub use error::{CacheError, Result};
 pub use file_index::{FileDigest, MAX_DIR_DEPTH, RACY_WINDOW};
 pub use gc::{GcOptions, GcReport};
+pub use lease::{Lease, LeaseOwner, OwnerCheck};
 pub use lock::KeyLock;
 pub use object::ObjectRef;
 pub use record::{RecordMeta, StageRecord, host_name};

@@ -402,6 +402,11 @@ pub fn run(
             })
         })
         .collect();
+    summary(plan, stages, interrupted)
+}
+
+/// The run's summary from every instance's outcome.
+pub(crate) fn summary(plan: &Plan, stages: Vec<StageOutcome>, interrupted: bool) -> RunSummary {
     let mut counts = BTreeMap::new();
     for s in &stages {
         let name =
@@ -411,7 +416,8 @@ pub fn run(
     RunSummary { manifest: plan.manifest.clone(), stages, counts, interrupted }
 }
 
-fn outcome(
+/// The outcome of `stage` with `status` (reasons from the plan, none for a hit).
+pub(crate) fn outcome(
     stage: &PlannedStage,
     status: RunStatus,
     outputs: BTreeMap<String, PathBuf>,
@@ -432,7 +438,7 @@ fn outcome(
 }
 
 /// Points the plan-history refs of every variant at the instance's key.
-fn set_refs(cache: &Cache, stage: &PlannedStage) {
+pub(crate) fn set_refs(cache: &Cache, stage: &PlannedStage) {
     for (namespace, id) in &stage.refs {
         if let Err(e) = cache.set_ref(namespace, id, &stage.key) {
             tracing::warn!("recording the plan history of `{}`: {e}", stage.id);

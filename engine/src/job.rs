@@ -174,6 +174,16 @@ pub fn complete_record(cache: &Cache, key: &Digest) -> anyhow::Result<Option<Sta
     Ok(cache.record(key)?.filter(|r| r.outputs.values().all(|o| cache.has_object(&o.digest))))
 }
 
+/// How long a lease lives without a heartbeat: `PROGDIFF_LEASE_TTL_S`, default 120 s.
+fn lease_ttl() -> Duration {
+    std::env::var("PROGDIFF_LEASE_TTL_S")
+        .ok()
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .filter(|s| *s >= 1.0)
+        .map(Duration::from_secs_f64)
+        .unwrap_or(Duration::from_secs(120))
+}
+
 /// Runs `job` whose inputs `prepared` holds: checks its key, resolves its upstream outputs,
 /// and publishes its outputs and record, or finds them in the cache.
 pub fn execute(
@@ -182,6 +192,7 @@ pub fn execute(
     cache: &Cache,
     report: &Reporter,
     cancel: &CancelToken,
+    slurm_job: Option<&str>,
 ) -> anyhow::Result<Done> {
     let fingerprint = job.fingerprint(&prepared, cache)?;
     let key = fingerprint.key();
@@ -214,13 +225,37 @@ pub fn execute(
             files: outputs_of(cache, &record),
         });
     }
-    // Wait for the key's lock, staying responsive to Ctrl-C.
-    let _lock = loop {
+    // Wait for the key: its `flock` (this host) and its lease (every host of a shared
+    // filesystem), staying responsive to Ctrl-C; another process may publish it meanwhile.
+    let ttl = lease_ttl();
+    let mut waited = false;
+    let (_lock, _lease) = loop {
         if let Some(lock) = cache.try_lock_key(&key)? {
-            break lock;
+            let check = |o: &progdiff_cache::LeaseOwner| {
+                o.slurm_job.as_deref().and_then(crate::slurm::job_alive)
+            };
+            if let Some(lease) = cache.try_lease(&key, slurm_job.map(String::from), ttl, &check)? {
+                break (lock, lease);
+            }
+        }
+        if !waited {
+            waited = true;
+            let owner = cache.lease_owner(&key).map(|o| {
+                format!(
+                    " (held by {} pid {}{})",
+                    o.host,
+                    o.pid,
+                    o.slurm_job.map(|j| format!(", Slurm job {j}")).unwrap_or_default()
+                )
+            });
+            tracing::info!(stage = %job.id, "waiting for another process computing this key{}", owner.unwrap_or_default());
         }
         cancel.check()?;
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::sleep(Duration::from_millis(200));
+        if let Some(r) = complete_record(cache, &key)? {
+            tracing::info!(stage = %job.id, "computed by another process meanwhile");
+            return Ok(Done { hit: true, outputs: outputs_of(cache, &r), seconds: 0.0 });
+        }
     };
     if let Some(r) = complete_record(cache, &key)? {
         tracing::info!(stage = %job.id, "computed by another process meanwhile");

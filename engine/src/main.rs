@@ -10,6 +10,9 @@ use progdiff::dag::Dag;
 use progdiff::executor::{self, RunOptions, RunStatus, RunSummary, Workers};
 use progdiff::manifest::{Experiment, ManifestError};
 use progdiff::plan::{self, Plan, PlanStatus};
+use progdiff::profile::{Backend, Profile};
+use progdiff::resources::Resources;
+use progdiff::slurm::SlurmOptions;
 use progdiff_cache::Cache;
 use progdiff_kinds::context::CancelToken;
 
@@ -48,6 +51,14 @@ enum Command {
         /// Only the stage instances this sweep variant needs
         #[arg(long, value_name = "NAME")]
         variant: Option<String>,
+        /// Show what this backend would do (`slurm`: the jobs and arrays it would submit, with
+        /// their resources) [default: the profile's, else local]
+        #[arg(long, value_enum)]
+        backend: Option<BackendArg>,
+        /// Profile file [default: progdiff.profile.yaml next to the manifest, else
+        /// ~/.config/progdiff/profile.yaml]
+        #[arg(long, value_name = "FILE")]
+        profile: Option<PathBuf>,
     },
     /// Run what the plan says
     Run {
@@ -65,6 +76,14 @@ enum Command {
         /// Run only what this sweep variant needs
         #[arg(long, value_name = "NAME")]
         variant: Option<String>,
+        /// `local` (worker processes here) or `slurm` (one Slurm job or array task per
+        /// instance) [default: the profile's, else local]
+        #[arg(long, value_enum)]
+        backend: Option<BackendArg>,
+        /// Profile file [default: progdiff.profile.yaml next to the manifest, else
+        /// ~/.config/progdiff/profile.yaml]
+        #[arg(long, value_name = "FILE")]
+        profile: Option<PathBuf>,
     },
     /// Print the worker log of a stage instance (every attempt, oldest first)
     Log {
@@ -124,6 +143,12 @@ enum Command {
     /// Inspect and maintain the cache
     #[command(subcommand)]
     Cache(CacheCommand),
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum BackendArg {
+    Local,
+    Slurm,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -250,19 +275,32 @@ fn real_main(cli: Cli) -> anyhow::Result<u8> {
             }
             Ok(if failed { EXIT_INVALID } else { 0 })
         }
-        Command::Plan { manifest, json, variant } => {
+        Command::Plan { manifest, json, variant, backend, profile } => {
             let exp = Experiment::load(manifest)?;
+            let profile = Profile::find(profile.as_deref(), manifest)?;
+            let slurm = resolve_backend(*backend, &profile) == Backend::Slurm;
             let cache = open_cache(&cli.cache_dir)?;
             let p = select_variant(&exp, plan::plan_experiment(&exp, &cache)?, variant)?;
+            let submissions = slurm.then(|| slurm_submissions(&exp, &p, &profile));
             if *json {
-                serde_json::to_writer_pretty(&mut out, &PlanJson::new(&p))?;
+                let mut v = serde_json::to_value(PlanJson::new(&p))?;
+                if let Some(subs) = &submissions {
+                    v["backend"] = "slurm".into();
+                    v["submissions"] = serde_json::to_value(subs)?;
+                }
+                serde_json::to_writer_pretty(&mut out, &v)?;
                 writeln!(out)?;
             } else {
                 print_plan(&mut out, &p)?;
+                if let Some(subs) = &submissions {
+                    print_submissions(&mut out, subs)?;
+                }
             }
             Ok(0)
         }
-        Command::Run { manifest, json, jobs, devices, variant } => {
+        Command::Run { manifest, json, jobs, devices, variant, backend, profile } => {
+            let profile = Profile::find(profile.as_deref(), manifest)?;
+            let backend = resolve_backend(*backend, &profile);
             for d in devices {
                 anyhow::ensure!(
                     d == "cpu" || d.strip_prefix("cuda:").is_some_and(|i| i.parse::<u32>().is_ok()),
@@ -310,7 +348,19 @@ fn real_main(cli: Cli) -> anyhow::Result<u8> {
                 threads,
                 worker,
             };
-            let summary = executor::run(&p, &cache, &opts, &cancel, &workers);
+            let summary = match backend {
+                Backend::Local => executor::run(&p, &cache, &opts, &cancel, &workers),
+                Backend::Slurm => {
+                    let (resources, retries) = stage_resources(&exp, &p, &profile);
+                    let opts = SlurmOptions {
+                        profile: profile.slurm.clone(),
+                        resources,
+                        retries,
+                        worker: std::path::absolute(&opts.worker)?,
+                    };
+                    progdiff::slurm::run(&p, &cache, &opts, &cancel)
+                }
+            };
             if *json {
                 serde_json::to_writer_pretty(&mut out, &summary)?;
                 writeln!(out)?;
@@ -705,5 +755,114 @@ fn print_summary(out: &mut impl Write, s: &RunSummary) -> anyhow::Result<()> {
         s.count(RunStatus::Skipped),
         if s.interrupted { " (interrupted)" } else { "" }
     )?;
+    Ok(())
+}
+
+fn resolve_backend(arg: Option<BackendArg>, profile: &Profile) -> Backend {
+    match arg {
+        Some(BackendArg::Local) => Backend::Local,
+        Some(BackendArg::Slurm) => Backend::Slurm,
+        None => profile.backend,
+    }
+}
+
+/// Each plan instance's resolved resources and `retries:`.
+fn stage_resources(exp: &Experiment, p: &Plan, profile: &Profile) -> (Vec<Resources>, Vec<u32>) {
+    p.stages
+        .iter()
+        .map(|s| {
+            let m = &exp.variants[s.source];
+            let decl = m.stage(plan::stage_name(&s.local_id)).expect("plan ids come from it");
+            (profile.resources_for(&s.kind, &decl.resources), decl.retries)
+        })
+        .unzip()
+}
+
+/// What `run --backend slurm` would submit for the instances to run: one job, or one array of
+/// the instances of a stage that share their resources.
+#[derive(serde::Serialize)]
+struct PlannedSubmission {
+    stage: String,
+    instances: Vec<String>,
+    array: bool,
+    resources: Resources,
+    requeue: bool,
+}
+
+fn slurm_submissions(exp: &Experiment, p: &Plan, profile: &Profile) -> Vec<PlannedSubmission> {
+    let (resources, _) = stage_resources(exp, p, profile);
+    let mut subs: Vec<PlannedSubmission> = Vec::new();
+    for (s, r) in p.stages.iter().zip(resources) {
+        if s.status != PlanStatus::Run {
+            continue;
+        }
+        let stage = plan::stage_name(&s.id).to_string();
+        match subs.iter_mut().find(|x| x.stage == stage && x.resources == r) {
+            Some(x) => {
+                x.instances.push(s.id.clone());
+                x.array = true;
+            }
+            None => subs.push(PlannedSubmission {
+                stage,
+                instances: vec![s.id.clone()],
+                array: false,
+                resources: r,
+                requeue: s.kind == progdiff_kinds::train::KIND,
+            }),
+        }
+    }
+    subs
+}
+
+fn print_submissions(out: &mut impl Write, subs: &[PlannedSubmission]) -> anyhow::Result<()> {
+    if subs.is_empty() {
+        writeln!(out, "slurm: nothing to submit")?;
+        return Ok(());
+    }
+    writeln!(out, "slurm: {} submissions", subs.len())?;
+    for s in subs {
+        let r = &s.resources;
+        let mut res = Vec::new();
+        if let Some(g) = r.gpus {
+            res.push(match &r.gpu_type {
+                Some(t) => format!("gpus={t}:{g}"),
+                None => format!("gpus={g}"),
+            });
+        }
+        if let Some(c) = r.cpus {
+            res.push(format!("cpus={c}"));
+        }
+        if let Some(m) = &r.mem {
+            res.push(format!("mem={m}"));
+        }
+        if let Some(t) = &r.time {
+            res.push(format!("time={t}"));
+        }
+        if let Some(x) = &r.partition {
+            res.push(format!("partition={x}"));
+        }
+        if let Some(x) = &r.constraint {
+            res.push(format!("constraint={x}"));
+        }
+        res.extend(r.extra.iter().cloned());
+        if s.requeue {
+            res.push("requeue+USR2".into());
+        }
+        let what = if s.array {
+            format!(
+                "array of {} ({} .. {})",
+                s.instances.len(),
+                s.instances[0],
+                s.instances[s.instances.len() - 1]
+            )
+        } else {
+            format!("job {}", s.instances[0])
+        };
+        writeln!(
+            out,
+            "  {what}  {}",
+            if res.is_empty() { "cluster defaults".to_string() } else { res.join(" ") }
+        )?;
+    }
     Ok(())
 }

@@ -15,6 +15,7 @@ pub fn manifest_schema() -> Value {
     let data = generator.subschema_for::<DataConfig>().to_value();
     let model = generator.subschema_for::<ModelConfig>().to_value();
     let diffusion = generator.subschema_for::<DiffusionConfig>().to_value();
+    let resources = generator.subschema_for::<crate::resources::Resources>().to_value();
     let mut variants = Vec::new();
     let mut defs: Map<String, Value> = Map::new();
     for (kind, mut schema) in StageParams::schemas(&mut generator) {
@@ -33,6 +34,11 @@ pub fn manifest_schema() -> Value {
                 "description": "Stages this one needs (their outputs are its inputs).",
                 "anyOf": [ { "type": "string" }, { "type": "array", "items": { "type": "string" } } ]
             }),
+        );
+        props.insert("resources".into(), resources.clone());
+        props.insert(
+            "retries".into(),
+            json!({ "description": "How many times a cluster backend resubmits a failed job of this stage.", "type": "integer", "minimum": 0, "maximum": 100 }),
         );
         props.insert(
             "for_each".into(),

@@ -7,7 +7,9 @@
 //! cache's records, runs the stage, and publishes its outputs and then its record.
 //!
 //! Exit codes: 0 done (ran, or found in the cache), 1 failed, 130 interrupted (SIGINT/SIGTERM:
-//! the stage stops at its next safe point, training after saving its resume state).
+//! the stage stops at its next safe point, training after saving its resume state), 75
+//! interrupted by SIGUSR2 (Slurm's warning before a time limit or preemption: state saved,
+//! requeue me).
 
 use std::io::Write as _;
 use std::path::PathBuf;
@@ -43,6 +45,9 @@ enum Cmd {
         /// Use this cache instead of the one the description names
         #[arg(long, env = "PROGDIFF_CACHE_DIR")]
         cache_dir: Option<PathBuf>,
+        /// The Slurm job this worker runs in (`123` or `123_4`), for the key's lease
+        #[arg(long, value_name = "ID")]
+        slurm_job: Option<String>,
     },
     /// Write the FID statistics (pytorch-fid `.npz`) of an image folder through a TorchScript
     /// feature extractor
@@ -68,11 +73,14 @@ enum Cmd {
 
 const EXIT_FAILED: u8 = 1;
 const EXIT_INTERRUPTED: u8 = 130;
+/// After `SIGUSR2` (a Slurm job's time limit or preemption is near): the resume state is saved,
+/// requeue the job (`progdiff::slurm::EXIT_REQUEUE`).
+const EXIT_REQUEUE: u8 = progdiff::slurm::EXIT_REQUEUE as u8;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Cmd::Exec { job, events, cache_dir } => exec(&job, events, cache_dir),
+        Cmd::Exec { job, events, cache_dir, slurm_job } => exec(&job, events, cache_dir, slurm_job),
         Cmd::Stats { folder, out, extractor, size, batch_size, device } => {
             init_logging(None);
             match stats(&folder, &out, &extractor, size, batch_size, &device) {
@@ -114,7 +122,12 @@ impl EventSink for LogProgress {
     }
 }
 
-fn exec(path: &std::path::Path, events: bool, cache_dir: Option<PathBuf>) -> ExitCode {
+fn exec(
+    path: &std::path::Path,
+    events: bool,
+    cache_dir: Option<PathBuf>,
+    slurm_job: Option<String>,
+) -> ExitCode {
     let sink: Arc<dyn EventSink> = if events {
         Arc::new(StdoutEvents(Mutex::new(std::io::stdout())))
     } else {
@@ -138,7 +151,20 @@ fn exec(path: &std::path::Path, events: bool, cache_dir: Option<PathBuf>) -> Exi
         tracing::warn!("interrupted: stopping at the next safe point");
         handler.cancel();
     });
-    let result = run_job(path, cache_dir, &report, &cancel);
+    // SIGUSR2: Slurm's warning before a time limit or preemption. Stop like Ctrl-C (training
+    // saves its resume state), then ask the batch script to requeue the job.
+    let requeue = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    if let Ok(mut signals) = signal_hook::iterator::Signals::new([signal_hook::consts::SIGUSR2]) {
+        let (cancel, requeue) = (cancel.clone(), requeue.clone());
+        std::thread::spawn(move || {
+            if signals.forever().next().is_some() {
+                tracing::warn!("SIGUSR2: saving state to be requeued");
+                requeue.store(true, std::sync::atomic::Ordering::SeqCst);
+                cancel.cancel();
+            }
+        });
+    }
+    let result = run_job(path, cache_dir, slurm_job.as_deref(), &report, &cancel);
     match result {
         Ok(done) => {
             report.emit(&Event::Done {
@@ -156,7 +182,11 @@ fn exec(path: &std::path::Path, events: bool, cache_dir: Option<PathBuf>) -> Exi
         }
         Err(e) if cancel.is_cancelled() => {
             tracing::warn!("interrupted ({e:#}); nothing was published");
-            ExitCode::from(EXIT_INTERRUPTED)
+            if requeue.load(std::sync::atomic::Ordering::SeqCst) {
+                ExitCode::from(EXIT_REQUEUE)
+            } else {
+                ExitCode::from(EXIT_INTERRUPTED)
+            }
         }
         Err(e) => {
             tracing::error!("failed: {e:#}");
@@ -174,6 +204,7 @@ fn exec(path: &std::path::Path, events: bool, cache_dir: Option<PathBuf>) -> Exi
 fn run_job(
     path: &std::path::Path,
     cache_dir: Option<PathBuf>,
+    slurm_job: Option<&str>,
     report: &Reporter,
     cancel: &CancelToken,
 ) -> anyhow::Result<job::Done> {
@@ -185,7 +216,7 @@ fn run_job(
     let cache =
         Cache::open(&root).with_context(|| format!("opening cache `{}`", root.display()))?;
     tracing::info!(stage = %job.id, kind = %job.kind, key = %job.key.short(), "job");
-    job::execute(&job, prepared, &cache, report, cancel)
+    job::execute(&job, prepared, &cache, report, cancel, slurm_job)
 }
 
 fn stats(

@@ -3,6 +3,7 @@
 mod digest;
 mod file_digest;
 mod gc;
+mod leases;
 mod locks;
 mod objects;
 mod records;

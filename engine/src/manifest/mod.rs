@@ -23,6 +23,7 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use crate::kinds::StageParams;
+use crate::resources::Resources;
 use yaml::{Node, NodeKind, Pos};
 
 /// One problem in a manifest.
@@ -94,6 +95,10 @@ pub struct StageDecl {
     pub for_each: Option<ForEach>,
     /// The kind and its parameters (defaults filled).
     pub params: StageParams,
+    /// What a cluster backend asks for (not part of any key).
+    pub resources: Resources,
+    /// How many times a cluster backend resubmits a failed job of this stage.
+    pub retries: u32,
     /// Where the stage's key is.
     pub pos: Pos,
 }
@@ -267,7 +272,7 @@ impl Experiment {
 
 const TOP_KEYS: &[&str] =
     &["name", "seed", "data", "model", "diffusion", "stages", "sweep", "extends"];
-pub(crate) const STAGE_KEYS: &[&str] = &["kind", "needs", "for_each"];
+pub(crate) const STAGE_KEYS: &[&str] = &["kind", "needs", "for_each", "resources", "retries"];
 
 /// Collects diagnostics for a manifest and the files it extends.
 pub(crate) struct Cx {
@@ -277,7 +282,7 @@ pub(crate) struct Cx {
 }
 
 impl Cx {
-    fn new(file: &str) -> Cx {
+    pub(crate) fn new(file: &str) -> Cx {
         Cx { files: vec![file.to_string()], diags: Vec::new() }
     }
 
@@ -291,7 +296,7 @@ impl Cx {
         self.push(pos, path, message)
     }
 
-    fn push(&mut self, pos: Pos, path: &str, message: impl Into<String>) {
+    pub(crate) fn push(&mut self, pos: Pos, path: &str, message: impl Into<String>) {
         self.diags.push(Diagnostic {
             file: self.files.get(pos.src).unwrap_or(&self.files[0]).clone(),
             pos,
@@ -300,7 +305,7 @@ impl Cx {
         });
     }
 
-    fn finish(mut self) -> Vec<Diagnostic> {
+    pub(crate) fn finish(mut self) -> Vec<Diagnostic> {
         self.diags.sort();
         self.diags.dedup();
         self.diags
@@ -609,12 +614,41 @@ impl Cx {
                 None
             }
         };
+        let resources = match body.get("resources") {
+            None | Some(Node { kind: NodeKind::Null, .. }) => Some(Resources::default()),
+            Some(n) => {
+                let at = format!("{prefix}.resources");
+                self.deserialize::<Resources>(n, &at, &[]).and_then(|r| {
+                    let errs = r.validate();
+                    if errs.is_empty() {
+                        Some(r)
+                    } else {
+                        self.field_errors(n, &at, errs);
+                        None
+                    }
+                })
+            }
+        };
+        let retries = match body.get("retries") {
+            None | Some(Node { kind: NodeKind::Null, .. }) => Some(0),
+            Some(Node { kind: NodeKind::Int(i), .. }) if (0..=100).contains(i) => Some(*i as u32),
+            Some(n) => {
+                self.push(
+                    n.pos,
+                    &format!("{prefix}.retries"),
+                    format!("must be a whole number from 0 to 100, found {}", show_node(n)),
+                );
+                None
+            }
+        };
         let params = StageParams::parse(self, &kind, body, &prefix, diffusion);
         Some(StageDecl {
             name: name.to_string(),
             needs: needs?,
             for_each: for_each?,
             params: params?,
+            resources: resources?,
+            retries: retries?,
             pos,
         })
     }
