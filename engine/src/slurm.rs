@@ -454,27 +454,176 @@ pub fn run(plan: &Plan, cache: &Cache, opts: &SlurmOptions, cancel: &CancelToken
     let mut state = vec![State::Pending; n];
     let mut outcomes: Vec<Option<StageOutcome>> = vec![None; n];
     let mut waiting: BTreeMap<usize, Waiting> = BTreeMap::new();
-    let mut delay = Duration::from_secs_f64(opts.profile.poll_min_s);
-    let mut queue: Option<BTreeMap<String, QueueEntry>> = None;
+    let min_delay = Duration::from_secs_f64(opts.profile.poll_min_s);
+    let max_delay = Duration::from_secs_f64(opts.profile.poll_max_s);
+    let mut delay = min_delay;
+    let mut first = true;
 
+    // One cycle: wait (with back-off), one `squeue`, judge the jobs waited for, then start what
+    // became ready (hits, jobs to re-attach to — judged by the same `squeue` —, submissions).
     loop {
+        if !first && !waiting.is_empty() {
+            let until = Instant::now() + delay;
+            while Instant::now() < until && !cancel.is_cancelled() {
+                std::thread::sleep(Duration::from_millis(50).min(delay));
+            }
+        }
         if cancel.is_cancelled() {
             let ids: Vec<String> = waiting.values().map(|w| w.job.clone()).collect();
             if !ids.is_empty() {
-                tracing::warn!("cancelling {} Slurm jobs", ids.len());
+                tracing::warn!("cancelling {} Slurm jobs: {}", ids.len(), ids.join(" "));
                 let _ = Command::new("scancel").args(&ids).status();
             }
             break;
         }
-        let mut changed = false;
-        // Start what is ready: hits, jobs to re-attach to, submissions grouped into arrays.
+        let ready: Vec<usize> = (0..n)
+            .filter(|&i| {
+                state[i] == State::Pending && deps[i].iter().all(|&d| state[d] == State::Done)
+            })
+            .collect();
+        let need_queue = !waiting.is_empty()
+            || ready.iter().any(|&i| key_job_path(cache, &plan.stages[i].key).exists());
+        let queue = if need_queue {
+            match squeue(&name) {
+                Ok(q) => Some(q),
+                Err(e) => {
+                    tracing::warn!("{e:#}; polling again");
+                    delay = (delay * 2).min(max_delay);
+                    first = false;
+                    continue;
+                }
+            }
+        } else {
+            None
+        };
+        first = false;
+        let mut progressed = false;
+        if let Some(q) = &queue {
+            let ids: Vec<usize> = waiting.keys().copied().collect();
+            for i in ids {
+                let stage = &plan.stages[i];
+                let w = waiting.get_mut(&i).expect("waiting");
+                match judge(stage, w, q, cache, opts) {
+                    Verdict::Wait => {}
+                    Verdict::Ran => {
+                        progressed = true;
+                        let w = waiting.remove(&i).expect("waiting");
+                        match complete_record(cache, &stage.key) {
+                            Ok(Some(r)) => {
+                                set_refs(cache, stage);
+                                let mut o = outcome(stage, RunStatus::Ran, outputs_of(cache, &r));
+                                o.seconds = r.meta.duration_s;
+                                o.device = Some(format!("slurm job {}", w.job));
+                                o.log = Some(cache.log_path(&stage.key));
+                                tracing::info!("{}: ran (Slurm job {})", stage.id, w.job);
+                                outcomes[i] = Some(o);
+                                state[i] = State::Done;
+                            }
+                            _ => fail(
+                                &mut outcomes[i],
+                                &mut state[i],
+                                stage,
+                                "the record vanished".into(),
+                            ),
+                        }
+                    }
+                    Verdict::Lost => {
+                        progressed = true;
+                        let w = waiting.remove(&i).expect("waiting");
+                        if w.resubmits < opts.profile.max_resubmits {
+                            tracing::warn!(
+                                "{}: Slurm job {} left the queue without an exit marker; submitting again",
+                                stage.id,
+                                w.job
+                            );
+                            submit_group(
+                                &[i],
+                                plan,
+                                cache,
+                                opts,
+                                &name,
+                                &mut waiting,
+                                &mut state,
+                                &mut outcomes,
+                                &w.exclude,
+                                Some((w.resubmits + 1, w.retries_left)),
+                            );
+                        } else {
+                            let log = cache.log_path(&stage.key);
+                            fail(
+                                &mut outcomes[i],
+                                &mut state[i],
+                                stage,
+                                format!(
+                                    "Slurm job {} was lost (it left the queue without an exit marker, after {} resubmissions)\nlog: {}",
+                                    w.job,
+                                    w.resubmits,
+                                    log.display()
+                                ),
+                            );
+                            outcomes[i].as_mut().expect("set").log = Some(log);
+                        }
+                    }
+                    Verdict::Failed { state: st, exit, node } => {
+                        progressed = true;
+                        let w = waiting.remove(&i).expect("waiting");
+                        if w.retries_left > 0 {
+                            let mut exclude = w.exclude.clone();
+                            if st.starts_with("NODE_FAIL") && !node.is_empty() {
+                                exclude.insert(node.clone());
+                            }
+                            tracing::warn!(
+                                "{}: Slurm job {} ended {st}; retrying",
+                                stage.id,
+                                w.job
+                            );
+                            submit_group(
+                                &[i],
+                                plan,
+                                cache,
+                                opts,
+                                &name,
+                                &mut waiting,
+                                &mut state,
+                                &mut outcomes,
+                                &exclude,
+                                Some((w.resubmits, w.retries_left - 1)),
+                            );
+                            continue;
+                        }
+                        let log = cache.log_path(&stage.key);
+                        let mut text = format!("Slurm job {} ended {st}", w.job);
+                        if let Some(code) = exit {
+                            text.push_str(&format!(" (exit code {code})"));
+                        }
+                        let tail = crate::executor::log_tail(&log, 12);
+                        if !tail.is_empty() {
+                            text.push_str("\nlast lines of its log:\n");
+                            for l in tail.lines() {
+                                text.push_str(&format!("  {l}\n"));
+                            }
+                        } else {
+                            text.push('\n');
+                        }
+                        text.push_str(&format!("log: {}", log.display()));
+                        tracing::warn!("{}: {}", stage.id, text.lines().next().unwrap_or(""));
+                        fail(&mut outcomes[i], &mut state[i], stage, text);
+                        let o = outcomes[i].as_mut().expect("set");
+                        o.log = Some(log);
+                        o.device = Some(format!("slurm job {}", w.job));
+                        o.seconds = w.started.elapsed().as_secs_f64();
+                    }
+                }
+            }
+        }
+        // Start what is ready (again: judging may have completed some upstreams).
         let mut to_submit: BTreeMap<(String, String), Vec<usize>> = BTreeMap::new();
         for i in 0..n {
             if state[i] != State::Pending || !deps[i].iter().all(|&d| state[d] == State::Done) {
                 continue;
             }
             let stage = &plan.stages[i];
-            changed = true;
+            progressed = true;
             match complete_record(cache, &stage.key) {
                 Ok(Some(r)) => {
                     set_refs(cache, stage);
@@ -495,15 +644,12 @@ pub fn run(plan: &Plan, cache: &Cache, opts: &SlurmOptions, cancel: &CancelToken
             }
             // A live job of this key (another coordinator's, or ours before a restart)?
             if let Some(rec) = read_json::<KeyJob>(&key_job_path(cache, &stage.key)) {
-                if queue.is_none() {
-                    queue = squeue(&name).ok();
-                }
                 let live = queue
                     .as_ref()
                     .and_then(|q| q.get(&rec.job))
                     .is_some_and(|e| is_live(&e.state) == Some(true));
                 if live {
-                    tracing::info!("{}: attached to its Slurm job {}", stage.id, rec.job);
+                    tracing::info!("{}: attached to its running Slurm job {}", stage.id, rec.job);
                     waiting.insert(i, new_waiting(rec.job, opts.retries[i]));
                     state[i] = State::Waiting;
                     continue;
@@ -513,7 +659,7 @@ pub fn run(plan: &Plan, cache: &Cache, opts: &SlurmOptions, cancel: &CancelToken
                 (stage_name(&stage.local_id).to_string(), resources_key(&opts.resources[i]));
             to_submit.entry(group).or_default().push(i);
         }
-        for ((_, _), members) in to_submit {
+        for members in to_submit.into_values() {
             submit_group(
                 &members,
                 plan,
@@ -528,153 +674,15 @@ pub fn run(plan: &Plan, cache: &Cache, opts: &SlurmOptions, cancel: &CancelToken
             );
         }
         if waiting.is_empty() {
-            if state.iter().all(|s| *s != State::Pending) || !changed {
+            // Nothing runs: either everything ended, or what is left waits on failures.
+            let ready_left = (0..n).any(|i| {
+                state[i] == State::Pending && deps[i].iter().all(|&d| state[d] == State::Done)
+            });
+            if !ready_left {
                 break;
             }
-            continue;
         }
-        if !changed {
-            std::thread::sleep(delay.min(Duration::from_millis(200)));
-            let mut slept = delay.min(Duration::from_millis(200));
-            while slept < delay && !cancel.is_cancelled() {
-                std::thread::sleep(Duration::from_millis(200));
-                slept += Duration::from_millis(200);
-            }
-            if cancel.is_cancelled() {
-                continue;
-            }
-        }
-        // One `squeue` per cycle.
-        let q = match squeue(&name) {
-            Ok(q) => q,
-            Err(e) => {
-                tracing::warn!("{e:#}; polling again");
-                delay = (delay * 2).min(Duration::from_secs_f64(opts.profile.poll_max_s));
-                queue = None;
-                continue;
-            }
-        };
-        let mut progressed = false;
-        let ids: Vec<usize> = waiting.keys().copied().collect();
-        for i in ids {
-            let stage = &plan.stages[i];
-            let w = waiting.get_mut(&i).expect("waiting");
-            let verdict = judge(stage, w, &q, cache, opts);
-            match verdict {
-                Verdict::Wait => {}
-                Verdict::Ran => {
-                    progressed = true;
-                    let w = waiting.remove(&i).expect("waiting");
-                    match complete_record(cache, &stage.key) {
-                        Ok(Some(r)) => {
-                            set_refs(cache, stage);
-                            let mut o = outcome(stage, RunStatus::Ran, outputs_of(cache, &r));
-                            o.seconds = r.meta.duration_s;
-                            o.device = Some(format!("slurm job {}", w.job));
-                            o.log = Some(cache.log_path(&stage.key));
-                            tracing::info!("{}: ran (Slurm job {})", stage.id, w.job);
-                            outcomes[i] = Some(o);
-                            state[i] = State::Done;
-                        }
-                        _ => fail(
-                            &mut outcomes[i],
-                            &mut state[i],
-                            stage,
-                            "the record vanished".into(),
-                        ),
-                    }
-                }
-                Verdict::Lost => {
-                    progressed = true;
-                    let w = waiting.remove(&i).expect("waiting");
-                    if w.resubmits < opts.profile.max_resubmits {
-                        tracing::warn!(
-                            "{}: Slurm job {} left the queue without an exit marker; submitting again",
-                            stage.id,
-                            w.job
-                        );
-                        submit_group(
-                            &[i],
-                            plan,
-                            cache,
-                            opts,
-                            &name,
-                            &mut waiting,
-                            &mut state,
-                            &mut outcomes,
-                            &w.exclude,
-                            Some((w.resubmits + 1, w.retries_left)),
-                        );
-                    } else {
-                        let log = cache.log_path(&stage.key);
-                        fail(
-                            &mut outcomes[i],
-                            &mut state[i],
-                            stage,
-                            format!(
-                                "Slurm job {} was lost (it left the queue without an exit marker, {} resubmissions)\nlog: {}",
-                                w.job,
-                                w.resubmits,
-                                log.display()
-                            ),
-                        );
-                        outcomes[i].as_mut().expect("set").log = Some(log);
-                    }
-                }
-                Verdict::Failed { state: st, exit, node } => {
-                    progressed = true;
-                    let w = waiting.remove(&i).expect("waiting");
-                    if w.retries_left > 0 {
-                        let mut exclude = w.exclude.clone();
-                        if st.starts_with("NODE_FAIL") && !node.is_empty() {
-                            exclude.insert(node.clone());
-                        }
-                        tracing::warn!("{}: Slurm job {} ended {st}; retrying", stage.id, w.job);
-                        submit_group(
-                            &[i],
-                            plan,
-                            cache,
-                            opts,
-                            &name,
-                            &mut waiting,
-                            &mut state,
-                            &mut outcomes,
-                            &exclude,
-                            Some((w.resubmits, w.retries_left - 1)),
-                        );
-                        continue;
-                    }
-                    let log = cache.log_path(&stage.key);
-                    let mut text = format!("Slurm job {} ended {st}", w.job);
-                    if let Some(code) = exit {
-                        text.push_str(&format!(" (exit code {code})"));
-                    }
-                    let tail = crate::executor::log_tail(&log, 12);
-                    if !tail.is_empty() {
-                        text.push_str("\nlast lines of its log:\n");
-                        for l in tail.lines() {
-                            text.push_str(&format!("  {l}\n"));
-                        }
-                    }
-                    text.push_str(&format!("log: {}", log.display()));
-                    tracing::warn!("{}: {}", stage.id, text.lines().next().unwrap_or(""));
-                    fail(&mut outcomes[i], &mut state[i], stage, text);
-                    let o = outcomes[i].as_mut().expect("set");
-                    o.log = Some(log);
-                    o.device = Some(format!("slurm job {}", w.job));
-                    o.seconds = w.started.elapsed().as_secs_f64();
-                }
-            }
-        }
-        queue = Some(q);
-        delay = if progressed {
-            Duration::from_secs_f64(opts.profile.poll_min_s)
-        } else {
-            (delay * 2).min(Duration::from_secs_f64(opts.profile.poll_max_s))
-        };
-        if waiting.is_empty() && state.iter().all(|s| *s != State::Pending) {
-            break;
-        }
+        delay = if progressed { min_delay } else { (delay * 2).min(max_delay) };
     }
 
     let interrupted = cancel.is_cancelled();

@@ -7,6 +7,7 @@ mod engine;
 mod evaluate;
 mod manifests;
 mod prune;
+mod slurm;
 mod sweep;
 mod train;
 mod validate;
