@@ -705,3 +705,29 @@ fn resources_and_profile_mistakes_are_reported_where_they_are() {
         "{err}"
     );
 }
+
+#[test]
+fn slurm_retries_resubmit_a_failed_job() {
+    if !slurm() {
+        return;
+    }
+    let c = Cluster::new();
+    let flag = c.p.path().join("failed-once");
+    c.p.write(
+        "m.yaml",
+        &format!(
+            "stages:
+  second-time: {{ kind: command, retries: 1,
+                 run: 'if [ ! -e {f} ]; then touch {f}; exit 3; fi; echo ok > $PROGDIFF_OUT/ok' }}
+  never: {{ kind: command, retries: 1, run: 'exit 4' }}
+",
+            f = flag.display()
+        ),
+    );
+    let (out, v) = c.run(&["run", "--json", "m.yaml"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert_eq!(stage(&v, "second-time")["status"], "ran");
+    assert_eq!(stage(&v, "never")["status"], "failed");
+    assert_eq!(c.calls("sbatch").len(), 4, "each submitted twice");
+    assert!(stderr(&out).contains("ended FAILED; retrying"), "{}", stderr(&out));
+}
