@@ -228,8 +228,10 @@ pub fn run(
                     continue;
                 }
                 let stage = &plan.stages[i];
-                // Hits need no worker.
-                match complete_record(cache, &stage.key) {
+                // Hits need no worker (unless forced).
+                let record =
+                    if stage.forced { Ok(None) } else { complete_record(cache, &stage.key) };
+                match record {
                     Ok(Some(record)) => {
                         let outputs = outputs_of(cache, &record);
                         set_refs(cache, stage);

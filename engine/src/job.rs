@@ -58,6 +58,10 @@ pub struct Job {
     pub threads: usize,
     /// The cache to resolve upstream outputs from and publish to.
     pub cache: PathBuf,
+    /// Recompute even when the cache holds the key (`run --force`); the old record stays
+    /// until the new one replaces it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub force: bool,
 }
 
 /// An upstream instance of a job.
@@ -108,6 +112,7 @@ impl Job {
             device: if device == "cpu" { "cpu".into() } else { "cuda:0".into() },
             threads,
             cache: std::path::absolute(cache.root()).unwrap_or_else(|_| cache.root().to_path_buf()),
+            force: stage.forced,
         }
     }
 
@@ -174,6 +179,40 @@ pub fn complete_record(cache: &Cache, key: &Digest) -> anyhow::Result<Option<Sta
     Ok(cache.record(key)?.filter(|r| r.outputs.values().all(|o| cache.has_object(&o.digest))))
 }
 
+/// Checks every object of an upstream record against its digest before the stage reads it
+/// (blake3 hashes a 200 MB checkpoint in well under a second). A corrupt object is never used:
+/// it is deleted with the upstream's record, so the next run recomputes it, and this job fails
+/// naming the object.
+fn verify_outputs(cache: &Cache, up: &Upstream, record: &StageRecord) -> anyhow::Result<()> {
+    for (name, o) in &record.outputs {
+        let path = cache.object_path(&o.digest);
+        let actual = progdiff_cache::hash_file(&path)
+            .with_context(|| format!("reading output `{name}` of upstream `{}`", up.id))?;
+        if actual != o.digest {
+            // The object goes (no record may use it again, and a recomputation stores a good
+            // copy under its name), and so does the upstream's record.
+            let _ = std::fs::remove_file(&path);
+            let dropped = match cache.try_lock_key(&up.key) {
+                Ok(Some(_lock)) => cache.remove_record(&up.key).is_ok(),
+                _ => false,
+            };
+            anyhow::bail!(
+                "output `{name}` of upstream `{}` is corrupt: object `{}` hashes to {actual}, not \
+                 {}; {}",
+                up.id,
+                path.display(),
+                o.digest,
+                if dropped {
+                    "its record was dropped, so the next run computes it again"
+                } else {
+                    "run `progdiff cache verify --delete-corrupt`, then run again"
+                }
+            );
+        }
+    }
+    Ok(())
+}
+
 /// How long a lease lives without a heartbeat: `PROGDIFF_LEASE_TTL_S`, default 120 s.
 fn lease_ttl() -> Duration {
     std::env::var("PROGDIFF_LEASE_TTL_S")
@@ -205,7 +244,10 @@ pub fn execute(
             job.key
         );
     }
-    if let Some(r) = complete_record(cache, &key)? {
+    let cached = |cache: &Cache| -> anyhow::Result<Option<StageRecord>> {
+        if job.force { Ok(None) } else { complete_record(cache, &key) }
+    };
+    if let Some(r) = cached(cache)? {
         return Ok(Done { hit: true, outputs: outputs_of(cache, &r), seconds: 0.0 });
     }
     let mut inputs = Vec::with_capacity(job.upstream.len());
@@ -218,6 +260,7 @@ pub fn execute(
                 cache.root().display()
             )
         })?;
+        verify_outputs(cache, up, &record)?;
         inputs.push(UpstreamOutputs {
             id: up.id.clone(),
             kind: up.kind.clone(),
@@ -252,12 +295,12 @@ pub fn execute(
         }
         cancel.check()?;
         std::thread::sleep(Duration::from_millis(200));
-        if let Some(r) = complete_record(cache, &key)? {
+        if let Some(r) = cached(cache)? {
             tracing::info!(stage = %job.id, "computed by another process meanwhile");
             return Ok(Done { hit: true, outputs: outputs_of(cache, &r), seconds: 0.0 });
         }
     };
-    if let Some(r) = complete_record(cache, &key)? {
+    if let Some(r) = cached(cache)? {
         tracing::info!(stage = %job.id, "computed by another process meanwhile");
         return Ok(Done { hit: true, outputs: outputs_of(cache, &r), seconds: 0.0 });
     }

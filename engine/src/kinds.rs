@@ -68,11 +68,11 @@ impl StageParams {
         progdiff_kinds::for_each_kind!(parse_kind);
         let pos = body.get("kind").map(|n| n.pos).unwrap_or(body.pos);
         let names = Self::kinds().iter().map(|k| format!("`{k}`")).collect::<Vec<_>>().join(", ");
-        cx.push_at(
-            pos,
-            &format!("{prefix}.kind"),
-            format!("unknown stage kind `{kind}`, expected one of {names}"),
-        );
+        let mut message = format!("unknown stage kind `{kind}`, expected one of {names}");
+        if let Some(close) = crate::manifest::closest(kind, Self::kinds().iter().copied()) {
+            message.push_str(&format!("\nhint: did you mean `{close}`?"));
+        }
+        cx.push_at(pos, &format!("{prefix}.kind"), message);
         None
     }
 

@@ -45,6 +45,12 @@ enum Command {
     Plan {
         /// Manifest file
         manifest: PathBuf,
+        /// Only these instances and what they need: a stage (`finetune`), an instance
+        /// (`finetune[3]`, `groups=4/finetune[3]`) or a glob of either (`finetune[*]`)
+        targets: Vec<String>,
+        /// With targets: the instances that need them instead (what a change to them touches)
+        #[arg(long)]
+        downstream: bool,
         /// Print JSON instead of a table
         #[arg(long)]
         json: bool,
@@ -64,6 +70,13 @@ enum Command {
     Run {
         /// Manifest file
         manifest: PathBuf,
+        /// Only these instances and what they need: a stage (`finetune`), an instance
+        /// (`finetune[3]`, `groups=4/finetune[3]`) or a glob of either (`finetune[*]`)
+        targets: Vec<String>,
+        /// Recompute these instances even when cached (same target syntax; repeatable); the
+        /// old results stay until the new ones replace them
+        #[arg(long, value_name = "TARGET")]
+        force: Vec<String>,
         /// Print the summary as JSON
         #[arg(long)]
         json: bool,
@@ -275,12 +288,13 @@ fn real_main(cli: Cli) -> anyhow::Result<u8> {
             }
             Ok(if failed { EXIT_INVALID } else { 0 })
         }
-        Command::Plan { manifest, json, variant, backend, profile } => {
+        Command::Plan { manifest, targets, downstream, json, variant, backend, profile } => {
             let exp = Experiment::load(manifest)?;
             let profile = Profile::find(profile.as_deref(), manifest)?;
             let slurm = resolve_backend(*backend, &profile) == Backend::Slurm;
             let cache = open_cache(&cli.cache_dir)?;
             let p = select_variant(&exp, plan::plan_experiment(&exp, &cache)?, variant)?;
+            let p = select_targets(p, targets, *downstream)?;
             let submissions = slurm.then(|| slurm_submissions(&exp, &p, &profile));
             if *json {
                 let mut v = serde_json::to_value(PlanJson::new(&p))?;
@@ -298,14 +312,21 @@ fn real_main(cli: Cli) -> anyhow::Result<u8> {
             }
             Ok(0)
         }
-        Command::Run { manifest, json, jobs, devices, variant, backend, profile } => {
+        Command::Run {
+            manifest,
+            targets,
+            force,
+            json,
+            jobs,
+            devices,
+            variant,
+            backend,
+            profile,
+        } => {
             let profile = Profile::find(profile.as_deref(), manifest)?;
             let backend = resolve_backend(*backend, &profile);
-            for d in devices {
-                anyhow::ensure!(
-                    d == "cpu" || d.strip_prefix("cuda:").is_some_and(|i| i.parse::<u32>().is_ok()),
-                    "unknown device `{d}`, expected `cpu` or `cuda:N`"
-                );
+            if backend == Backend::Local {
+                check_devices(devices)?;
             }
             // Intra-op threads of each worker: share the cores between concurrently running
             // stages (oversubscribed OpenMP threads spin and slow everything down).
@@ -327,6 +348,9 @@ fn real_main(cli: Cli) -> anyhow::Result<u8> {
                 );
             }
             let p = select_variant(&exp, plan::plan_experiment(&exp, &cache)?, variant)?;
+            let mut p = select_targets(p, targets, false)?;
+            let forced = p.targets(force)?;
+            p.force(&forced);
             let cancel = CancelToken::new();
             let workers = Workers::default();
             let (handler_token, handler_workers) = (cancel.clone(), workers.clone());
@@ -629,7 +653,7 @@ fn human_bytes(n: u64) -> String {
 }
 
 fn print_plan(out: &mut impl Write, p: &Plan) -> anyhow::Result<()> {
-    let width = p.stages.iter().map(|s| s.id.len()).max().unwrap_or(0);
+    let width = p.stages.iter().map(|s| s.id.len()).max().unwrap_or(0).min(60); // longer ids overflow their column
     for s in &p.stages {
         let status = match s.status {
             PlanStatus::Cached => "cached",
@@ -723,7 +747,7 @@ fn select_variant(exp: &Experiment, p: Plan, variant: &Option<String>) -> anyhow
 }
 
 fn print_summary(out: &mut impl Write, s: &RunSummary) -> anyhow::Result<()> {
-    let width = s.stages.iter().map(|s| s.id.len()).max().unwrap_or(0);
+    let width = s.stages.iter().map(|s| s.id.len()).max().unwrap_or(0).min(60); // longer ids overflow their column
     for st in &s.stages {
         let status = match st.status {
             RunStatus::Hit => "hit",
@@ -865,4 +889,44 @@ fn print_submissions(out: &mut impl Write, subs: &[PlannedSubmission]) -> anyhow
         )?;
     }
     Ok(())
+}
+
+/// `--devices` before any work: known names, and GPUs this machine has (`/dev/nvidiaN`, without
+/// loading CUDA: the coordinator does not link it).
+fn check_devices(devices: &[String]) -> anyhow::Result<()> {
+    for d in devices {
+        if d == "cpu" {
+            continue;
+        }
+        let Some(n) = d.strip_prefix("cuda:").and_then(|i| i.parse::<u32>().ok()) else {
+            anyhow::bail!("unknown device `{d}`, expected `cpu` or `cuda:N`");
+        };
+        if !std::path::Path::new(&format!("/dev/nvidia{n}")).exists() {
+            let found = (0..64)
+                .filter(|i| std::path::Path::new(&format!("/dev/nvidia{i}")).exists())
+                .count();
+            anyhow::bail!(
+                "device `{d}`: this machine has {}\nhint: `--devices cpu`, or run where the GPU is",
+                match found {
+                    0 => "no NVIDIA GPU (no /dev/nvidia0)".to_string(),
+                    1 => "1 NVIDIA GPU (cuda:0)".to_string(),
+                    k => format!("{k} NVIDIA GPUs (cuda:0 to cuda:{})", k - 1),
+                }
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The plan restricted to `targets` and what they need (or, `downstream`, what needs them).
+fn select_targets(p: Plan, targets: &[String], downstream: bool) -> anyhow::Result<Plan> {
+    if targets.is_empty() {
+        anyhow::ensure!(
+            !downstream,
+            "`--downstream` needs targets: the stages a change is made to"
+        );
+        return Ok(p);
+    }
+    let picked = p.targets(targets)?;
+    Ok(if downstream { p.downstream_of(&picked) } else { p.upstream_of(&picked) })
 }

@@ -5,7 +5,7 @@
 //! Planning reads only small files: records and refs. Cached checkpoints are never re-hashed;
 //! external inputs are hashed once per file version (the cache memoises by size/mtime/inode).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use anyhow::Context as _;
 use progdiff_cache::{Cache, Digest, StageRecord};
@@ -69,6 +69,9 @@ pub struct PlannedStage {
     /// Plan-history refs to point at its key once it has run: (namespace, local id) per variant.
     #[serde(skip)]
     pub refs: Vec<(String, String)>,
+    /// Recompute even when cached (`run --force`).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub forced: bool,
 }
 
 /// The plan of a whole manifest, instances in topological order.
@@ -117,6 +120,95 @@ impl Plan {
         (covered > 0).then_some((total, covered))
     }
 
+    /// Indices of the instances `target` names: an instance id (`finetune[3]`,
+    /// `groups=4/finetune[3]`), a stage name (`finetune`: all its instances, in every variant),
+    /// or a glob of either with `*` and `?` (`finetune[*]`, `groups=4/*`).
+    pub fn matching(&self, target: &str) -> Vec<usize> {
+        self.stages
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| {
+                let stage = stage_name(&s.local_id);
+                [s.id.as_str(), s.local_id.as_str(), stage].iter().any(|name| glob(target, name))
+            })
+            .map(|(i, _)| i)
+            .collect()
+    }
+
+    /// Indices of the instances `targets` name, each one an error when it names none.
+    pub fn targets(&self, targets: &[String]) -> anyhow::Result<Vec<usize>> {
+        let mut out = BTreeSet::new();
+        for t in targets {
+            let found = self.matching(t);
+            if found.is_empty() {
+                let names: BTreeSet<&str> = self
+                    .stages
+                    .iter()
+                    .flat_map(|s| [s.id.as_str(), stage_name(&s.local_id)])
+                    .collect();
+                let mut msg = format!("no stage instance matches `{t}`");
+                if let Some(c) = crate::manifest::closest(t, names.iter().copied()) {
+                    msg.push_str(&format!("\nhint: did you mean `{c}`?"));
+                }
+                anyhow::bail!(msg);
+            }
+            out.extend(found);
+        }
+        Ok(out.into_iter().collect())
+    }
+
+    fn restricted(&self, keep: &BTreeSet<usize>) -> Plan {
+        Plan {
+            manifest: self.manifest.clone(),
+            variants: self.variants.clone(),
+            stages: self
+                .stages
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| keep.contains(i))
+                .map(|(_, s)| s.clone())
+                .collect(),
+        }
+    }
+
+    /// The plan restricted to `indices` and everything they need, transitively.
+    pub fn upstream_of(&self, indices: &[usize]) -> Plan {
+        let index: HashMap<&str, usize> =
+            self.stages.iter().enumerate().map(|(i, s)| (s.id.as_str(), i)).collect();
+        let mut keep = BTreeSet::new();
+        let mut stack: Vec<usize> = indices.to_vec();
+        while let Some(i) = stack.pop() {
+            if keep.insert(i) {
+                stack.extend(self.stages[i].needs.iter().filter_map(|d| index.get(d.as_str())));
+            }
+        }
+        self.restricted(&keep)
+    }
+
+    /// The plan restricted to `indices` and everything that needs them, transitively: what a
+    /// change to them touches.
+    pub fn downstream_of(&self, indices: &[usize]) -> Plan {
+        let mut keep: BTreeSet<usize> = indices.iter().copied().collect();
+        // Topological order: one pass suffices.
+        for (i, s) in self.stages.iter().enumerate() {
+            let ids: BTreeSet<&str> = keep.iter().map(|&k| self.stages[k].id.as_str()).collect();
+            if s.needs.iter().any(|d| ids.contains(d.as_str())) {
+                keep.insert(i);
+            }
+        }
+        self.restricted(&keep)
+    }
+
+    /// Marks `indices` to be recomputed even when cached.
+    pub fn force(&mut self, indices: &[usize]) {
+        for &i in indices {
+            let s = &mut self.stages[i];
+            s.forced = true;
+            s.status = PlanStatus::Run;
+            s.reasons = vec!["forced (`--force`)".into()];
+        }
+    }
+
     /// The plan restricted to the instances variant `name` needs.
     pub fn only_variant(&self, name: &str) -> Plan {
         Plan {
@@ -130,6 +222,30 @@ impl Plan {
                 .collect(),
         }
     }
+}
+
+/// Whether `name` matches `pattern`, where `*` matches any run of characters and `?` one.
+pub fn glob(pattern: &str, name: &str) -> bool {
+    let (p, n): (Vec<char>, Vec<char>) = (pattern.chars().collect(), name.chars().collect());
+    // Iterative matching with backtracking to the last `*` (linear in practice, no recursion).
+    let (mut pi, mut ni, mut star, mut mark) = (0, 0, None, 0);
+    while ni < n.len() {
+        if pi < p.len() && (p[pi] == '?' || p[pi] == n[ni]) {
+            pi += 1;
+            ni += 1;
+        } else if pi < p.len() && p[pi] == '*' {
+            star = Some(pi);
+            mark = ni;
+            pi += 1;
+        } else if let Some(s) = star {
+            pi = s + 1;
+            mark += 1;
+            ni = mark;
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|c| *c == '*')
 }
 
 /// `prune[3]` -> `prune`.
@@ -310,6 +426,7 @@ pub fn plan(m: &Manifest, dag: &Dag, cache: &Cache) -> anyhow::Result<Plan> {
             local_id: inst.id.clone(),
             source: 0,
             refs: vec![(ns.clone(), inst.id.clone())],
+            forced: false,
         });
     }
     Ok(Plan { manifest: m.name.clone(), variants: Vec::new(), stages })

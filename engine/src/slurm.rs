@@ -624,7 +624,8 @@ pub fn run(plan: &Plan, cache: &Cache, opts: &SlurmOptions, cancel: &CancelToken
             }
             let stage = &plan.stages[i];
             progressed = true;
-            match complete_record(cache, &stage.key) {
+            let record = if stage.forced { Ok(None) } else { complete_record(cache, &stage.key) };
+            match record {
                 Ok(Some(r)) => {
                     set_refs(cache, stage);
                     outcomes[i] = Some(outcome(stage, RunStatus::Hit, outputs_of(cache, &r)));

@@ -7,7 +7,7 @@
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::context::FieldError;
+use crate::context::{FieldError, at_most};
 use crate::schedule::NoiseSchedule;
 
 /// `model:` — the IDDPM UNet hyper-parameters (improved-diffusion's flags).
@@ -90,6 +90,19 @@ impl ModelConfig {
                 format!("must be in [0, 1), got {}", self.dropout),
             ));
         }
+        at_most(&mut errs, "image_size", self.image_size, 1024);
+        at_most(&mut errs, "channels", self.channels, 4096);
+        at_most(&mut errs, "res_blocks", self.res_blocks, 64);
+        at_most(&mut errs, "heads", self.heads, 256);
+        if self.channel_mult.len() > 8 || self.channel_mult.iter().any(|m| *m > 64) {
+            errs.push(FieldError::at(
+                "channel_mult",
+                "must have at most 8 levels, each at most 64",
+            ));
+        }
+        if self.attention_resolutions.len() > 16 {
+            errs.push(FieldError::at("attention_resolutions", "must have at most 16 entries"));
+        }
         let levels = self.channel_mult.len();
         if levels > 0 && !self.image_size.is_multiple_of(1 << (levels - 1)) {
             errs.push(FieldError::at(
@@ -117,6 +130,9 @@ pub enum LossKind {
     /// The variational bound alone.
     Kl,
 }
+
+/// The most diffusion timesteps a manifest may ask for (IDDPM uses up to 4000).
+pub const MAX_STEPS: usize = 100_000;
 
 /// `diffusion:` — the diffusion process.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -153,6 +169,13 @@ impl DiffusionConfig {
     /// Range checks that serde cannot express.
     pub fn validate(&self) -> Vec<FieldError> {
         let mut errs = Vec::new();
+        if self.steps > MAX_STEPS {
+            errs.push(FieldError::at(
+                "steps",
+                format!("must be at most {MAX_STEPS} (IDDPM uses up to 4000), got {}", self.steps),
+            ));
+            return errs;
+        }
         if self.steps > 0 {
             let spaced = crate::diffusion::Respacing::parse(&self.sample_steps)
                 .and_then(|r| r.timesteps(self.steps));

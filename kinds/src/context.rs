@@ -138,6 +138,14 @@ impl FieldError {
     }
 }
 
+/// Pushes an error when `value` exceeds `max`: the sanity bounds that keep validation and
+/// planning from sizing anything from an absurd number (`steps: 1000000000`).
+pub fn at_most(errs: &mut Vec<FieldError>, field: &str, value: usize, max: usize) {
+    if value > max {
+        errs.push(FieldError::at(field, format!("must be at most {max}, got {value}")));
+    }
+}
+
 /// What a worker tells its coordinator, one JSON object per line on its stdout.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "lowercase")]

@@ -76,6 +76,9 @@ impl EvaluateParams {
         if self.batch_size == 0 {
             e.push(FieldError::at("batch_size", "must be at least 1, got 0"));
         }
+        crate::context::at_most(&mut e, "samples", self.samples, 100_000_000);
+        crate::context::at_most(&mut e, "batch_size", self.batch_size, 65_536);
+        crate::context::at_most(&mut e, "grid", self.grid, 10_000);
         if let Some(eta) = self.ddim_eta
             && !(eta >= 0.0 && eta.is_finite())
         {

@@ -114,6 +114,10 @@ impl ExtractorParams {
                 e.push(FieldError::at("lr", format!("must be positive, got {}", self.lr)));
             }
         }
+        crate::context::at_most(&mut e, "size", self.size, 1024);
+        crate::context::at_most(&mut e, "batch_size", self.batch_size, 65_536);
+        crate::context::at_most(&mut e, "features", self.features, 65_536);
+        crate::context::at_most(&mut e, "steps", self.steps, 1_000_000_000);
         if self.reference_samples.is_some_and(|n| n < 2) {
             e.push(FieldError::at("reference_samples", "must be at least 2"));
         }

@@ -122,6 +122,8 @@ impl TrainParams {
         if self.log_every == 0 {
             e.push(FieldError::at("log_every", "must be at least 1, got 0"));
         }
+        crate::context::at_most(&mut e, "batch_size", self.batch_size, 65_536);
+        crate::context::at_most(&mut e, "steps", self.steps, 1_000_000_000);
         e
     }
 }

@@ -66,6 +66,28 @@ pub enum ManifestError {
     Invalid(Vec<Diagnostic>),
 }
 
+/// The text of a manifest file, or a located error at its first byte that is not UTF-8.
+pub(crate) fn utf8(bytes: Vec<u8>, file: &str) -> Result<String, Vec<Diagnostic>> {
+    String::from_utf8(bytes).map_err(|e| {
+        let offset = e.utf8_error().valid_up_to();
+        let bytes = e.as_bytes();
+        let before = &bytes[..offset];
+        let line = before.iter().filter(|b| **b == b'\n').count() + 1;
+        let line_start = before.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+        // Columns count characters, as the YAML positions do.
+        let col = String::from_utf8_lossy(&before[line_start..]).chars().count() + 1;
+        vec![Diagnostic {
+            file: file.to_string(),
+            pos: Pos::at(line, col),
+            path: String::new(),
+            message: format!(
+                "not UTF-8 text: byte 0x{:02x} at offset {offset}\nhint: save the manifest as UTF-8",
+                bytes[offset]
+            ),
+        }]
+    })
+}
+
 fn render(diags: &[Diagnostic]) -> String {
     let mut s = diags.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n");
     s.push_str(&format!(
@@ -143,8 +165,9 @@ pub struct Experiment {
 impl Experiment {
     /// Reads a manifest file, the files it `extends:`, and expands its sweep.
     pub fn load(path: &Path) -> Result<Experiment, ManifestError> {
-        let text = std::fs::read_to_string(path)
+        let bytes = std::fs::read(path)
             .map_err(|source| ManifestError::Read { path: path.to_path_buf(), source })?;
+        let text = utf8(bytes, &path.display().to_string()).map_err(ManifestError::Invalid)?;
         let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
         let dir = if dir.as_os_str().is_empty() { PathBuf::from(".") } else { dir };
         let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();

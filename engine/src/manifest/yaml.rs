@@ -198,13 +198,26 @@ enum Frame {
     Map { pos: Pos, anchor: usize, entries: Vec<(Key, Node)>, pending: Option<Key> },
 }
 
+/// The most values a document may hold once its aliases are expanded: manifests are small, and
+/// a "billion laughs" document (aliases of aliases) must fail fast instead of exhausting memory.
+pub const MAX_VALUES: usize = 100_000;
+
+/// The deepest nesting of sequences and mappings a document may have (deeper input would
+/// exhaust the stack of every recursive walk over it).
+pub const MAX_DEPTH: usize = 64;
+
 #[derive(Default)]
 struct Builder {
     stack: Vec<Frame>,
     docs: Vec<Node>,
-    anchors: HashMap<usize, Node>,
+    /// Anchored nodes with the number of values each holds.
+    anchors: HashMap<usize, (Node, usize)>,
     errors: Vec<YamlError>,
     src: usize,
+    /// Values built so far, aliases expanded.
+    values: usize,
+    /// Set once a budget is exceeded: the rest of the document is skipped.
+    over_budget: bool,
 }
 
 impl Builder {
@@ -220,9 +233,27 @@ impl Builder {
             .join(".")
     }
 
+    /// Counts `n` more values; false (after reporting once) past [`MAX_VALUES`].
+    fn spend(&mut self, n: usize, pos: Pos) -> bool {
+        self.values = self.values.saturating_add(n);
+        if self.values > MAX_VALUES && !self.over_budget {
+            self.over_budget = true;
+            self.errors.push(YamlError {
+                pos,
+                path: self.path(),
+                message: format!(
+                    "the document expands to more than {MAX_VALUES} values (aliases of aliases?); \
+                     a manifest is far smaller"
+                ),
+            });
+        }
+        !self.over_budget
+    }
+
     fn push_value(&mut self, node: Node, anchor: usize) {
         if anchor > 0 {
-            self.anchors.insert(anchor, node.clone());
+            let size = count_values(&node);
+            self.anchors.insert(anchor, (node.clone(), size));
         }
         let path = self.path();
         match self.stack.last_mut() {
@@ -268,6 +299,25 @@ impl Builder {
 impl MarkedEventReceiver for Builder {
     fn on_event(&mut self, ev: Event, mark: Marker) {
         let pos = Pos::from_marker(mark, self.src);
+        if self.over_budget {
+            return;
+        }
+        if matches!(ev, Event::SequenceStart(..) | Event::MappingStart(..))
+            && self.stack.len() >= MAX_DEPTH
+        {
+            self.over_budget = true;
+            self.errors.push(YamlError {
+                pos,
+                path: self.path(),
+                message: format!("nesting deeper than {MAX_DEPTH} levels"),
+            });
+            return;
+        }
+        if matches!(ev, Event::Scalar(..) | Event::SequenceStart(..) | Event::MappingStart(..))
+            && !self.spend(1, pos)
+        {
+            return;
+        }
         match ev {
             Event::Scalar(text, style, anchor, tag) => {
                 let kind = if tag.is_some_and(|t| t.handle == "!!" && t.suffix == "str")
@@ -298,8 +348,12 @@ impl MarkedEventReceiver for Builder {
                 self.push_value(node, anchor);
             }
             Event::Alias(id) => {
+                let size = self.anchors.get(&id).map_or(1, |(_, size)| *size);
+                if !self.spend(size, pos) {
+                    return;
+                }
                 let node = match self.anchors.get(&id) {
-                    Some(n) => Node { pos, kind: n.kind.clone() },
+                    Some((n, _)) => Node { pos, kind: n.kind.clone() },
                     None => {
                         self.errors.push(YamlError {
                             pos,
@@ -317,6 +371,17 @@ impl MarkedEventReceiver for Builder {
             | Event::DocumentStart
             | Event::DocumentEnd => {}
         }
+    }
+}
+
+/// The number of values in `node` (itself included).
+fn count_values(node: &Node) -> usize {
+    match &node.kind {
+        NodeKind::Seq(items) => 1 + items.iter().map(count_values).sum::<usize>(),
+        NodeKind::Map(entries) => {
+            1 + entries.iter().map(|(_, v)| 1 + count_values(v)).sum::<usize>()
+        }
+        _ => 1,
     }
 }
 

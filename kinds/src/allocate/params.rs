@@ -63,6 +63,9 @@ impl ClippedSteps {
     }
 }
 
+/// The most timestep groups an allocation may have (the paper uses up to 20).
+pub const MAX_GROUPS: usize = 1000;
+
 /// Parameters of an `snr-allocate` stage (paper eq. 7-10 and the Table 3 schedules).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
@@ -112,6 +115,7 @@ impl AllocateParams {
         if !(self.k > 0.0 && self.k <= 1.0) {
             errs.push(FieldError::at("k", format!("must be in (0, 1], got {}", self.k)));
         }
+        crate::context::at_most(&mut errs, "groups", self.groups, MAX_GROUPS);
         errs
     }
 }

@@ -165,6 +165,7 @@ macro_rules! data_kind {
                 if self.image_size == Some(0) {
                     errs.push(FieldError::at("image_size", "must be at least 1, got 0"));
                 }
+                crate::context::at_most(errs, "image_size", self.image_size.unwrap_or(0), 1024);
                 if self.limit == Some(0) {
                     errs.push(FieldError::at("limit", "must be at least 1, got 0"));
                 }
@@ -340,6 +341,7 @@ impl DataConfig {
                 if d.n == 0 {
                     errs.push(FieldError::at("n", "must be at least 1, got 0"));
                 }
+                crate::context::at_most(&mut errs, "n", d.n, 100_000_000);
                 d.validate_transform(&mut errs, true);
             }
         }

@@ -258,6 +258,7 @@ impl PruneParams {
         if self.batch_size == 0 {
             e.push(FieldError::at("batch_size", "must be at least 1, got 0"));
         }
+        crate::context::at_most(&mut e, "batch_size", self.batch_size, 65_536);
         if let Some(b) = self.budget
             && !(b > 0.0 && b <= 1.0)
         {
@@ -296,6 +297,8 @@ impl PruneParams {
                 ] {
                     if v == 0 {
                         e.push(at(f, "must be at least 1, got 0".into()));
+                    } else if v > 10_000 {
+                        e.push(at(f, format!("must be at most 10000, got {v}")));
                     }
                 }
             }
@@ -307,6 +310,8 @@ impl PruneParams {
                 ] {
                     if v == 0 {
                         e.push(at(f, "must be at least 1, got 0".into()));
+                    } else if v > 100_000 {
+                        e.push(at(f, format!("must be at most 100000, got {v}")));
                     }
                 }
                 if p.endpoint.trim().is_empty() {
