@@ -177,8 +177,8 @@ fn main() -> ExitCode {
             if is_broken_pipe(&e) {
                 return ExitCode::SUCCESS;
             }
-            if let Some(ManifestError::Invalid(_)) = e.downcast_ref::<ManifestError>() {
-                eprintln!("{e}");
+            if let Some(e) = e.downcast_ref::<ManifestError>() {
+                print_manifest_error(e);
                 return ExitCode::from(EXIT_INVALID);
             }
             eprintln!("error: {e}");
@@ -186,6 +186,22 @@ fn main() -> ExitCode {
                 eprintln!("  caused by: {cause}");
             }
             ExitCode::from(EXIT_FAILED)
+        }
+    }
+}
+
+/// A manifest that cannot be used, however it failed (unreadable or invalid), exits with
+/// [`EXIT_INVALID`] from every command; an unreadable one is printed with its cause.
+fn print_manifest_error(e: &ManifestError) {
+    match e {
+        ManifestError::Invalid(_) => eprintln!("{e}"),
+        ManifestError::Read { .. } => {
+            eprintln!("error: {e}");
+            let mut cause = std::error::Error::source(e);
+            while let Some(c) = cause {
+                eprintln!("  caused by: {c}");
+                cause = c.source();
+            }
         }
     }
 }
@@ -244,7 +260,7 @@ fn real_main(cli: Cli) -> anyhow::Result<u8> {
                     }
                     Err(e) => {
                         failed = true;
-                        eprintln!("{e}");
+                        print_manifest_error(&e);
                     }
                 }
             }

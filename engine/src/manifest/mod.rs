@@ -76,6 +76,46 @@ fn render(diags: &[Diagnostic]) -> String {
     s
 }
 
+/// Reads a manifest file (the one given, or one it `extends:`) as UTF-8 text.
+///
+/// Only a regular file (or a symlink to one) is read: a named pipe would block the read until
+/// some process writes to it, so it and every other kind of file (a directory, a device, a
+/// socket) is an error naming what the path is. The file is opened without blocking and checked
+/// again once open, so one swapped in between is refused too.
+pub(crate) fn read_text(path: &Path) -> std::io::Result<String> {
+    use std::io::Read as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    check_regular(&std::fs::metadata(path)?)?;
+    let mut file =
+        std::fs::OpenOptions::new().read(true).custom_flags(nix::libc::O_NONBLOCK).open(path)?;
+    check_regular(&file.metadata()?)?;
+    let mut text = String::new();
+    file.read_to_string(&mut text)?;
+    Ok(text)
+}
+
+fn check_regular(meta: &std::fs::Metadata) -> std::io::Result<()> {
+    use std::os::unix::fs::FileTypeExt as _;
+    let t = meta.file_type();
+    let what = if t.is_file() {
+        return Ok(());
+    } else if t.is_dir() {
+        "a directory"
+    } else if t.is_fifo() {
+        "a named pipe (FIFO)"
+    } else if t.is_socket() {
+        "a socket"
+    } else if t.is_char_device() || t.is_block_device() {
+        "a device"
+    } else {
+        "a special file"
+    };
+    Err(std::io::Error::new(
+        std::io::ErrorKind::InvalidInput,
+        format!("it is {what}, not a regular file"),
+    ))
+}
+
 /// `for_each:` values.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ForEach {
@@ -138,7 +178,7 @@ pub struct Experiment {
 impl Experiment {
     /// Reads a manifest file, the files it `extends:`, and expands its sweep.
     pub fn load(path: &Path) -> Result<Experiment, ManifestError> {
-        let text = std::fs::read_to_string(path)
+        let text = read_text(path)
             .map_err(|source| ManifestError::Read { path: path.to_path_buf(), source })?;
         let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
         let dir = if dir.as_os_str().is_empty() { PathBuf::from(".") } else { dir };
