@@ -5,6 +5,7 @@ mod chat_server;
 mod common;
 mod engine;
 mod evaluate;
+mod integrity;
 mod manifests;
 mod prune;
 mod sweep;
