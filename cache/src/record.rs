@@ -164,7 +164,7 @@ impl Cache {
     }
 
     /// Publishes a record atomically, replacing any record for the same key, with its checksum
-    /// (see the [module docs](self)).
+    /// (blake3 of the canonical JSON of its other fields; see the [crate docs](crate)).
     ///
     /// Every output's object must already be stored with the recorded size. Call it while
     /// holding the key's [`KeyLock`](crate::KeyLock).

@@ -223,7 +223,7 @@ impl Cache {
     /// untrusted record may have computed from damaged bytes, so its record goes too, and so,
     /// transitively, do the records computed from it; work areas of those stages (resume state
     /// computed from the same bytes) are removed as well. Dependencies are read from each
-    /// record's fingerprint ([`StageRecord::upstream_keys`]) and, for stages that never
+    /// record's fingerprint ([`StageRecord::upstream_keys`](crate::StageRecord::upstream_keys)) and, for stages that never
     /// completed, from their job description's `upstream[].key`. A record whose object is merely
     /// missing is removed without its dependents: nothing says its bytes were wrong when they
     /// were read.
