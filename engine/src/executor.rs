@@ -557,6 +557,7 @@ fn finish(
         );
         o.status = RunStatus::Ran;
         o.outputs = outputs_of(cache, &record);
+        set_refs(cache, stage);
         return o;
     }
     if cancel.is_cancelled() && (status.code() == Some(130) || status.signal().is_some()) {
