@@ -8,7 +8,7 @@ use std::sync::Mutex;
 use tracing::debug;
 
 use crate::digest::Digest;
-use crate::error::{Result, io_err};
+use crate::error::{CacheError, Result, io_err};
 use crate::file_index::MemoEntry;
 
 /// Name of the versioned bucket under the root. Bump it when the layout or a file format changes
@@ -26,6 +26,8 @@ pub struct Cache {
     pub(crate) bucket: PathBuf,
     /// The external-file digest memo, loaded on first use.
     pub(crate) memo: Mutex<Option<BTreeMap<String, MemoEntry>>>,
+    /// Nothing may be written: see [`Cache::is_read_only`].
+    pub(crate) read_only: bool,
 }
 
 const DIRS: [&str; 10] =
@@ -35,9 +37,41 @@ impl Cache {
     /// Opens (creating if needed) the cache rooted at `root`, e.g. `.progdiff`.
     ///
     /// A fresh root gets a `CACHEDIR.TAG` (so backup tools skip it) and a `.gitignore` of `*`.
+    ///
+    /// A cache this process cannot write to (a read-only mount, a directory owned by someone
+    /// else) opens [read-only](Cache::is_read_only) instead of failing: it serves records and
+    /// objects, and every write is refused with [`CacheError::ReadOnly`]. Writability is probed
+    /// by creating an unnamed temp file in `tmp/` (`O_TMPFILE` where available, so nothing is
+    /// left behind), because only a write tells: `root` may write where permission bits say no,
+    /// and a read-only mount still lets `mkdir` of an existing directory succeed.
     pub fn open(root: impl AsRef<Path>) -> Result<Self> {
         let root = root.as_ref().to_path_buf();
         let bucket = root.join(BUCKET);
+        let read_only = match Self::create_layout(&root, &bucket) {
+            Ok(()) => false,
+            Err(CacheError::Io { source, .. }) if is_read_only_error(&source) => true,
+            Err(e) => return Err(e),
+        };
+        if read_only {
+            debug!(root = %root.display(), "cache is not writable: opened read-only");
+        } else {
+            debug!(root = %root.display(), "opened cache");
+        }
+        Ok(Self { root, bucket, memo: Mutex::new(None), read_only })
+    }
+
+    /// Opens the cache rooted at `root` without ever writing to it, e.g. a shared cache a CI job
+    /// consumes: records and objects are served, every write is refused with
+    /// [`CacheError::ReadOnly`]. A root that does not exist reads as an empty cache.
+    pub fn open_read_only(root: impl AsRef<Path>) -> Result<Self> {
+        let root = root.as_ref().to_path_buf();
+        let bucket = root.join(BUCKET);
+        debug!(root = %root.display(), "opened cache read-only");
+        Ok(Self { root, bucket, memo: Mutex::new(None), read_only: true })
+    }
+
+    /// Creates the layout (idempotent) and proves that this process can write to it.
+    fn create_layout(root: &Path, bucket: &Path) -> Result<()> {
         for dir in DIRS {
             let p = bucket.join(dir);
             fs::create_dir_all(&p).map_err(io_err("create directory", &p))?;
@@ -54,8 +88,26 @@ impl Cache {
                 fs::write(&p, content).map_err(io_err("write", &p))?;
             }
         }
-        debug!(root = %root.display(), "opened cache");
-        Ok(Self { root, bucket, memo: Mutex::new(None) })
+        let tmp = bucket.join("tmp");
+        tempfile::tempfile_in(&tmp).map_err(io_err("create a temp file in", &tmp))?;
+        Ok(())
+    }
+
+    /// Whether this cache refuses writes: opened with [`open_read_only`](Cache::open_read_only),
+    /// or found not writable by [`open`](Cache::open). A read-only cache serves records, objects,
+    /// refs and file digests (computed, not memoised); storing, publishing, locking keys, work
+    /// areas, `gc` and `repair` fail with [`CacheError::ReadOnly`], and the maintenance sweeps
+    /// ([`sweep_tmp`](Cache::sweep_tmp), [`remove_finished_work_dirs`](Cache::remove_finished_work_dirs)) do nothing.
+    pub fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+
+    /// `Err(ReadOnly)` if the cache is read-only, for the start of every write.
+    pub(crate) fn writable(&self, action: &'static str) -> Result<()> {
+        if self.read_only {
+            return Err(CacheError::ReadOnly { action, root: self.root.clone() });
+        }
+        Ok(())
     }
 
     /// The root directory this cache was opened at.
@@ -80,6 +132,15 @@ impl Cache {
     pub(crate) fn sharded(&self, dir: &str, digest: &Digest, ext: &str) -> PathBuf {
         self.dir(dir).join(digest.prefix()).join(format!("{digest}{ext}"))
     }
+}
+
+/// Whether an I/O error says "you may not write here" (a read-only file system, or permissions),
+/// as opposed to a failure of the write itself (a full disk).
+pub(crate) fn is_read_only_error(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::ReadOnlyFilesystem | std::io::ErrorKind::PermissionDenied
+    )
 }
 
 /// A sharded tree's scan: (digest, path) of well-named files, and everything else found.

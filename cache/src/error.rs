@@ -82,6 +82,15 @@ pub enum CacheError {
         /// Size on disk.
         actual: u64,
     },
+    /// A write to a cache that is read-only (a read-only mount, a directory this user cannot
+    /// write, or opened with [`Cache::open_read_only`](crate::Cache::open_read_only)).
+    #[error("cannot {action}: the cache `{}` is read-only", root.display())]
+    ReadOnly {
+        /// What was attempted, as a verb phrase (`store an object`, `collect garbage`, ...).
+        action: &'static str,
+        /// The cache root.
+        root: PathBuf,
+    },
     /// A ref namespace or name cannot be turned into a file name.
     #[error("invalid {what} `{name}`: {reason}")]
     InvalidName {

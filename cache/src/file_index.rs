@@ -5,7 +5,8 @@
 //! The memo is only a memo: a missing or corrupt file is ignored and rebuilt, and processes that
 //! update it at once merge their entries, the last writer winning per path. A file whose mtime is
 //! within [`RACY_WINDOW`] of the moment it was hashed is not memoised ("racy" in git's sense: it
-//! could change again without its mtime moving, on file systems with coarse timestamps).
+//! could change again without its mtime moving, on file systems with coarse timestamps). A
+//! read-only cache reads the memo but does not update it.
 
 use std::collections::BTreeMap;
 use std::fs::{self, Metadata};
@@ -192,7 +193,7 @@ impl Cache {
                 fd
             })
             .collect();
-        if !fresh.is_empty() {
+        if !fresh.is_empty() && !self.read_only {
             self.save_memo(fresh)?;
         }
         Ok(digests)

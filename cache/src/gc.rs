@@ -54,7 +54,12 @@ pub struct GcReport {
     pub locks_removed: usize,
     /// File-digest memo entries of vanished files removed.
     pub index_entries_removed: usize,
-    /// Bytes freed (records, objects, work areas, temp entries).
+    /// Side-store entries kept (claimed by a kept key, or too young to judge): see
+    /// [`SIDE_STORES`](crate::SIDE_STORES).
+    pub side_dirs_kept: usize,
+    /// Side-store entries removed (no kept key claims them), e.g. memory banks of prune stages.
+    pub side_dirs_removed: usize,
+    /// Bytes freed (records, objects, work areas, temp entries, side-store entries).
     pub bytes_freed: u64,
     /// Keys left alone because a running stage holds their lock.
     pub skipped_locked: Vec<Digest>,
@@ -64,14 +69,16 @@ pub struct GcReport {
 
 impl Cache {
     /// Removes records whose key is not in `keep`, objects no remaining record references,
-    /// work areas, job descriptions, logs and lock files of keys not kept, and stale temp entries. Nothing held by a
-    /// running stage is removed. Refs are not touched.
+    /// work areas, job descriptions, logs and lock files of keys not kept, work areas of kept
+    /// keys whose stage is complete, side-store entries no kept key claims, and stale temp
+    /// entries. Nothing held by a running stage is removed. Refs are not touched.
     pub fn gc(&self, keep: &BTreeSet<Digest>, dry_run: bool) -> Result<GcReport> {
         self.gc_with(keep, &GcOptions { dry_run, ..GcOptions::default() })
     }
 
     /// [`gc`](Cache::gc) with all options.
     pub fn gc_with(&self, keep: &BTreeSet<Digest>, options: &GcOptions) -> Result<GcReport> {
+        self.writable("collect garbage")?;
         // Held for the whole sweep when granted: no stage can start, publish or put meanwhile.
         let exclusive = self.try_activity_exclusive()?;
         let quiescent = exclusive.is_some();
@@ -92,6 +99,8 @@ impl Cache {
                 .filter_map(|p| p.file_name()?.to_str()?.parse::<Digest>().ok()),
         );
 
+        // Keys whose side-store entries stay: the kept ones and those running stages hold.
+        let mut claimed: BTreeSet<Digest> = keep.clone();
         for key in keys {
             let record_path = self.record_path(&key);
             let mut keep_outputs = || {
@@ -104,11 +113,28 @@ impl Cache {
                     report.records_kept += 1;
                 }
                 keep_outputs();
+                // A kept stage that completed needs no resume state (a stage killed right after
+                // publishing its record leaves it).
+                let work = self.work_path(&key);
+                if work.exists()
+                    && self.complete_record(&key)?.is_some()
+                    && let Some(_lock) = self.try_lock_key_for_removal(&key)?
+                {
+                    report.work_dirs_removed += 1;
+                    report.bytes_freed += disk_size(&work);
+                    if !dry_run {
+                        remove_path(&work)?;
+                    } else if CAN_REMOVE_LOCK_FILES && !locked_before.contains(&key) {
+                        // Taking the lock created its file: a dry run leaves no trace.
+                        remove_path(&self.lock_path(&key))?;
+                    }
+                }
                 continue;
             }
             let Some(_lock) = self.try_lock_key_for_removal(&key)? else {
                 debug!(key = %key, "gc: key is locked by a running stage; skipping");
                 report.skipped_locked.push(key);
+                claimed.insert(key);
                 if record_path.exists() {
                     report.records_kept += 1;
                 }
@@ -174,6 +200,8 @@ impl Cache {
                 remove_path(&path)?;
             }
         }
+
+        self.gc_side_stores(&claimed, quiescent, options, &mut report)?;
 
         for path in self.stale_tmp(quiescent, options.min_age)? {
             report.tmp_removed += 1;

@@ -37,6 +37,7 @@ impl Cache {
 
     /// The log of `key` opened for appending (created with its shard directory if needed).
     pub fn open_log(&self, key: &Digest) -> Result<File> {
+        self.writable("write a job log")?;
         let path = self.log_path(key);
         let dir = path.parent().expect("sharded paths have a parent");
         fs::create_dir_all(dir).map_err(io_err("create directory", dir))?;

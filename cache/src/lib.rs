@@ -23,6 +23,8 @@
 //! <root>/v1/jobs/ab/<key>.json           job descriptions (what a worker runs)
 //! <root>/v1/logs/ab/<key>.log            worker logs, every attempt appended
 //! <root>/v1/leases/ab/<key>.lease        per-key leases (locks across the nodes of a shared fs)
+//! <root>/v1/prune-banks/<digest>/         a side store (state beyond one key), with
+//!                            owners/<key>  the keys that use this entry (see below)
 //! ```
 //!
 //! Objects keep their full digest as file name (not git's 62-character tail) so a digest
@@ -35,9 +37,13 @@
 //! A crash at any instant leaves either nothing or the complete file at the final path; the
 //! temp file is deleted by its guard on error or panic, or left in `tmp/` by a crash, where
 //! [`Cache::verify`] reports it and [`Cache::gc`] removes it. An object's name always matches
-//! its content: [`Cache::put_file`] hashes the copy it made before renaming it into place.
+//! its content: [`Cache::put_file`] hashes the copy it made before renaming it into place, and
+//! an object already stored under that digest is re-hashed before it is reused (a damaged one
+//! is replaced, never handed to a new record).
 //! A record is published only after every object it names is stored, so a record never points at
-//! nothing (unless someone deletes objects by hand, which `verify` reports).
+//! nothing (unless someone deletes objects by hand, which `verify` reports). A record carries a
+//! checksum of its content, so one changed after publication (an output pointing at another
+//! object, another size) is treated as unreadable.
 //!
 //! **One computation per key.** [`Cache::lock_key`] takes an exclusive OS file lock
 //! (`flock` through std's [`File::lock`](std::fs::File::lock)) that is released when the
@@ -48,7 +54,10 @@
 //!
 //! **A failed stage leaves no record.** Its outputs go to a [`StagingDir`] (removed on drop) and
 //! are moved into the store with [`Cache::put_file_move`] only when it succeeds; resume state it
-//! wants to survive a crash goes to its [`Cache::work_dir`].
+//! wants to survive a crash goes to its [`Cache::work_dir`]. **A completed stage leaves no work
+//! area**: the stage removes it after publishing, and one left by a kill in between is removed
+//! by the next `progdiff run` ([`Cache::remove_finished_work_dirs`]), `gc` and `repair`, and
+//! reported by `verify`.
 //!
 //! **gc never pulls the rug.** [`Cache::gc`] keeps the records whose keys the caller names (the
 //! keys of every manifest still in use) and every object they reference, and removes the rest:
@@ -59,12 +68,21 @@
 //! in flight and it sweeps everything unreferenced; if not, it spares unreferenced objects and
 //! temp entries younger than [`GcOptions::min_age`] (default one hour), which covers a stage
 //! between `put` and `publish` (reusing an object, by `put` or `publish`, refreshes its mtime).
-//! Refs are not gc roots and are never removed.
+//! Refs are not gc roots and are never removed. Side-store entries (`prune-banks/<digest>/`) are
+//! kept while a key in their `owners/` is kept or held, else removed (see [`SIDE_STORES`]).
 //!
 //! **Corruption is reported, never a panic.** [`Cache::verify`] re-hashes every object in
-//! parallel and checks every record; [`Cache::record`] treats an unparsable record as absent
-//! (with a warning) so a re-run replaces it; [`Cache::repair`] removes corrupt objects and the
-//! records that need them, so the affected stages run again.
+//! parallel and checks every record (readable, its checksum, every object present with the
+//! recorded size); [`Cache::record`] treats an unparsable record as absent
+//! (with a warning) so a re-run replaces it; [`Cache::repair`] removes corrupt objects, the
+//! records that need them and, transitively, the records (and resume state) of every stage
+//! computed from those, so the affected stages run again and no result computed from damaged
+//! bytes survives.
+//!
+//! **Read-only caches work.** A cache this process cannot write (a read-only mount, a CI job
+//! consuming a shared cache) opens [read-only](Cache::is_read_only), as does one opened with
+//! [`Cache::open_read_only`]: records, objects and `verify` work, every write fails with
+//! [`CacheError::ReadOnly`].
 //!
 //! ## External inputs
 //!
@@ -86,6 +104,7 @@ mod lock;
 mod object;
 mod record;
 mod refs;
+mod side_store;
 mod time;
 mod verify;
 mod work;
@@ -99,9 +118,11 @@ pub use lease::{Lease, LeaseOwner, OwnerCheck};
 pub use lock::KeyLock;
 pub use object::ObjectRef;
 pub use record::{RecordMeta, StageRecord, host_name};
+pub use side_store::{OWNERS_DIR, SIDE_STORES};
 pub use time::rfc3339_utc;
 pub use verify::{
-    BadRecord, CorruptObject, DEFAULT_MIN_AGE, MissingObject, RepairReport, VerifyReport,
+    BadRecord, CorruptObject, DEFAULT_MIN_AGE, MissingObject, RepairReport, SizeMismatch,
+    VerifyReport,
 };
 pub use work::StagingDir;
 

@@ -8,6 +8,10 @@
 //!   may leave unreferenced objects or temp files behind (a [`KeyLock`], a
 //!   [`StagingDir`](crate::StagingDir), one `put`), and *exclusively* (try-only) by `gc`/`verify`
 //!   to learn that nothing is in flight.
+//!
+//! A [read-only](Cache::is_read_only) cache takes no key lock and no shared hold (it writes
+//! nothing); `verify` still asks for the exclusive hold, on the existing lock file opened for
+//! reading (`flock` needs no write access), to learn whether writers elsewhere are active.
 
 use std::fs::{self, File, OpenOptions, TryLockError};
 use std::path::{Path, PathBuf};
@@ -87,8 +91,10 @@ impl Cache {
         self.dir("locks").join("activity.lock")
     }
 
-    /// Blocks until a shared hold on the activity lock is granted.
+    /// Blocks until a shared hold on the activity lock is granted: the start of every write, so
+    /// a read-only cache refuses here.
     pub(crate) fn activity_shared(&self) -> Result<ActivityGuard> {
+        self.writable("write to it")?;
         let path = self.activity_path();
         let file = open_lock_file(&path)?;
         file.lock_shared().map_err(io_err("lock", &path))?;
@@ -96,9 +102,22 @@ impl Cache {
     }
 
     /// The exclusive hold on the activity lock if no writer is active, without waiting.
+    ///
+    /// In a read-only cache the existing lock file is opened for reading; without one, writers
+    /// are presumed active (`None`), the careful answer.
     pub(crate) fn try_activity_exclusive(&self) -> Result<Option<ActivityGuard>> {
         let path = self.activity_path();
-        let file = open_lock_file(&path)?;
+        let file = if self.read_only {
+            match File::open(&path) {
+                Ok(file) => file,
+                Err(e) => {
+                    debug!(path = %path.display(), error = %e, "read-only cache: no activity lock");
+                    return Ok(None);
+                }
+            }
+        } else {
+            open_lock_file(&path)?
+        };
         match file.try_lock() {
             Ok(()) => Ok(Some(ActivityGuard { _file: file })),
             Err(TryLockError::WouldBlock) => Ok(None),
@@ -109,6 +128,7 @@ impl Cache {
     /// Locks `key` for deletion by `gc`/`repair`: try-only, and without the activity lock (which
     /// `gc` may hold exclusively itself).
     pub(crate) fn try_lock_key_for_removal(&self, key: &Digest) -> Result<Option<File>> {
+        self.writable("remove from it")?;
         lock_file(&self.lock_path(key), false)
     }
 }

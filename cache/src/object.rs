@@ -40,7 +40,8 @@ impl Cache {
         fs::read(&path).map_err(io_err("read object", &path))
     }
 
-    /// Stores `bytes`; stores nothing new if identical content is already there.
+    /// Stores `bytes`; stores nothing new if identical content is already there (checked by
+    /// re-hashing it: a damaged object of that name is replaced).
     pub fn put_bytes(&self, bytes: &[u8]) -> Result<ObjectRef> {
         let digest = hash_bytes(bytes);
         let size = bytes.len() as u64;
@@ -55,7 +56,8 @@ impl Cache {
         Ok(ObjectRef { digest, size })
     }
 
-    /// Stores a copy of the file at `path`; copies nothing if identical content is already there.
+    /// Stores a copy of the file at `path`; copies nothing if identical content is already there
+    /// (checked by re-hashing it: a damaged object of that name is replaced).
     ///
     /// The file is hashed, copied into `tmp/`, and the copy hashed again before it is renamed
     /// into place, so an object's name always matches its content even if the source is being
@@ -128,16 +130,39 @@ impl Cache {
         Ok(ObjectRef { digest: expected, size })
     }
 
-    /// Whether an object with this digest and size is already stored; if so its mtime is
-    /// refreshed, which tells a concurrent `gc` that it was just (re)used.
+    /// Whether an object with this digest and size is already stored, intact; if so its mtime
+    /// is refreshed, which tells a concurrent `gc` that it was just (re)used.
+    ///
+    /// An existing object is re-hashed before it is reused: one of the right size may still
+    /// have been damaged (a flipped bit, a hand edit), and reusing it would hand the damage to
+    /// the record being published. A damaged one is replaced by the caller's fresh copy (an
+    /// atomic rename over it).
     fn reuse_object(&self, digest: &Digest, size: u64) -> bool {
         let path = self.object_path(digest);
         match fs::metadata(&path) {
-            Ok(meta) if meta.is_file() && meta.len() == size => {
-                touch(&path);
-                debug!(digest = %digest, path = %path.display(), "object already stored");
-                true
-            }
+            Ok(meta) if meta.is_file() && meta.len() == size => match hash_file(&path) {
+                Ok(actual) if actual == *digest => {
+                    touch(&path);
+                    debug!(digest = %digest, path = %path.display(), "object already stored");
+                    true
+                }
+                Ok(actual) => {
+                    warn!(
+                        path = %path.display(),
+                        actual = %actual,
+                        "stored object is corrupt (its content hashes to another digest); replacing it"
+                    );
+                    false
+                }
+                Err(e) => {
+                    warn!(
+                        path = %path.display(),
+                        error = %crate::error_chain(&e),
+                        "stored object cannot be read; replacing it"
+                    );
+                    false
+                }
+            },
             Ok(meta) => {
                 warn!(
                     path = %path.display(),
@@ -238,6 +263,33 @@ mod tests {
         fs::write(&path, b"compl").unwrap();
         cache.put_bytes(b"complete content").unwrap();
         assert_eq!(fs::read(&path).unwrap(), b"complete content");
+    }
+
+    /// Issue 17: an object of the right size with a flipped byte is not reused by any put.
+    #[test]
+    fn same_size_corrupt_object_is_replaced_by_every_put() {
+        let (d, cache) = cache();
+        let content = b"complete content";
+        let source = d.path().join("src");
+        fs::write(&source, content).unwrap();
+        let staging = cache.staging_dir().unwrap();
+        let staged = staging.path().join("out");
+        let puts: [&dyn Fn() -> ObjectRef; 3] =
+            [&|| cache.put_bytes(content).unwrap(), &|| cache.put_file(&source).unwrap(), &|| {
+                fs::write(&staged, content).unwrap();
+                cache.put_file_move(&staged).unwrap()
+            }];
+        for put in puts {
+            let obj = put();
+            let path = cache.object_path(&obj.digest);
+            let mut damaged = content.to_vec();
+            damaged[3] ^= 1;
+            fs::remove_file(&path).unwrap();
+            fs::write(&path, &damaged).unwrap();
+            assert_eq!(put(), obj);
+            assert_eq!(fs::read(&path).unwrap(), content);
+            assert!(fs::metadata(&path).unwrap().permissions().readonly());
+        }
     }
 
     #[test]

@@ -1,4 +1,11 @@
 //! Stage records: `records/<ab>/<key>.json`, one per completed stage instance.
+//!
+//! On disk a record is the [`StageRecord`] as JSON plus a `checksum` field: blake3 over the
+//! canonical JSON (object keys sorted, no whitespace) of everything else in the file. A record
+//! edited or damaged after it was published (an output pointing at another object, a changed
+//! size) no longer matches its checksum and is treated like an unparsable one: absent for
+//! [`Cache::record`], reported by `verify`, removed by `repair`. Records written before checksums
+//! existed have none and are read as they are.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -11,7 +18,7 @@ use tracing::{debug, warn};
 
 use crate::atomic::FILE_MODE;
 use crate::cache::{Cache, scan_sharded};
-use crate::digest::Digest;
+use crate::digest::{Digest, hash_bytes};
 use crate::error::{CacheError, Result, io_err};
 use crate::object::{ObjectRef, touch};
 use crate::time::rfc3339_utc;
@@ -55,6 +62,18 @@ pub struct RecordMeta {
     pub progdiff_version: String,
     /// Other versions that matter (`libtorch`, `tch`, `cuda`, ...).
     pub versions: BTreeMap<String, String>,
+}
+
+impl StageRecord {
+    /// The keys of the stage instances this one read, from its fingerprint's `upstream` field
+    /// (upstream instance id -> key in hex, as the engine's fingerprint has it). `repair` follows
+    /// them to invalidate records computed from a record it removes.
+    pub fn upstream_keys(&self) -> Vec<Digest> {
+        let Some(upstream) = self.fingerprint.get("upstream").and_then(|u| u.as_object()) else {
+            return Vec::new();
+        };
+        upstream.values().filter_map(|v| v.as_str()?.parse().ok()).collect()
+    }
 }
 
 impl RecordMeta {
@@ -119,7 +138,33 @@ impl Cache {
         }
     }
 
-    /// Publishes a record atomically, replacing any record for the same key.
+    /// The record for `key` if the stage is complete: the record is readable and every object
+    /// it names is stored with the recorded size. What counts as a cache hit.
+    pub fn complete_record(&self, key: &Digest) -> Result<Option<StageRecord>> {
+        let Some(record) = self.record(key)? else { return Ok(None) };
+        for (output, object) in &record.outputs {
+            let path = self.object_path(&object.digest);
+            match fs::metadata(&path) {
+                Ok(meta) if meta.is_file() && meta.len() == object.size => {}
+                Ok(meta) => {
+                    warn!(
+                        key = %key, output, path = %path.display(), recorded = object.size,
+                        actual = meta.len(), "stored object has another size than its record says"
+                    );
+                    return Ok(None);
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    debug!(key = %key, output, "record names a missing object");
+                    return Ok(None);
+                }
+                Err(e) => return Err(io_err("read metadata of", &path)(e)),
+            }
+        }
+        Ok(Some(record))
+    }
+
+    /// Publishes a record atomically, replacing any record for the same key, with its checksum
+    /// (blake3 of the canonical JSON of its other fields; see the [crate docs](crate)).
     ///
     /// Every output's object must already be stored with the recorded size. Call it while
     /// holding the key's [`KeyLock`](crate::KeyLock).
@@ -150,8 +195,13 @@ impl Cache {
             }
         }
         let path = self.record_path(&record.key);
-        let mut json = serde_json::to_vec_pretty(record)
-            .map_err(|source| CacheError::Serialize { path: path.clone(), source })?;
+        let serialize = |source| CacheError::Serialize { path: path.clone(), source };
+        let mut value = serde_json::to_value(record).map_err(serialize)?;
+        let checksum = checksum_of(&value);
+        if let Some(fields) = value.as_object_mut() {
+            fields.insert(CHECKSUM.into(), checksum.to_hex().into());
+        }
+        let mut json = serde_json::to_vec_pretty(&value).map_err(serialize)?;
         json.push(b'\n');
         self.write_atomic(&path, &json, FILE_MODE)?;
         debug!(key = %record.key, id = %record.id, path = %path.display(), "published record");
@@ -160,6 +210,7 @@ impl Cache {
 
     /// Removes the record for `key` (if any), so the stage runs again. Take the key's lock first.
     pub fn remove_record(&self, key: &Digest) -> Result<()> {
+        self.writable("remove a record")?;
         let path = self.record_path(key);
         match fs::remove_file(&path) {
             Ok(()) => Ok(()),
@@ -190,6 +241,29 @@ impl Cache {
     }
 }
 
+/// The field holding a record file's checksum.
+const CHECKSUM: &str = "checksum";
+
+/// A record file's checksum: blake3 over a domain tag and the canonical JSON of its fields other
+/// than the checksum (object keys sorted at every depth, no whitespace), so it does not depend on
+/// how the file is laid out or on which fields this version of the struct knows.
+fn checksum_of(value: &serde_json::Value) -> Digest {
+    fn canonical(v: &serde_json::Value) -> serde_json::Value {
+        match v {
+            serde_json::Value::Object(o) => {
+                let mut keys: Vec<&String> = o.keys().collect();
+                keys.sort();
+                keys.into_iter().map(|k| (k.clone(), canonical(&o[k]))).collect()
+            }
+            serde_json::Value::Array(a) => a.iter().map(canonical).collect(),
+            other => other.clone(),
+        }
+    }
+    let mut bytes = b"progdiff-record-v1\0".to_vec();
+    serde_json::to_writer(&mut bytes, &canonical(value)).expect("JSON values serialise");
+    hash_bytes(&bytes)
+}
+
 /// Reads and parses a record file, checking that it holds `expect_key` if given.
 pub(crate) fn load_record(
     path: &Path,
@@ -200,8 +274,23 @@ pub(crate) fn load_record(
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(RecordError::Missing),
         Err(e) => return Err(RecordError::Io(io_err("read", path)(e))),
     };
-    let record: StageRecord =
+    let mut value: serde_json::Value =
         serde_json::from_slice(&bytes).map_err(|e| RecordError::Invalid(e.to_string()))?;
+    let stored = value.as_object_mut().and_then(|fields| fields.remove(CHECKSUM));
+    let actual = checksum_of(&value);
+    let record: StageRecord =
+        serde_json::from_value(value).map_err(|e| RecordError::Invalid(e.to_string()))?;
+    if let Some(stored) = stored {
+        let stored = stored.as_str().and_then(|s| s.parse::<Digest>().ok()).ok_or_else(|| {
+            RecordError::Invalid(format!("its `{CHECKSUM}` is not a digest: {stored}"))
+        })?;
+        if stored != actual {
+            return Err(RecordError::Invalid(format!(
+                "checksum mismatch: it was changed after it was published (its `{CHECKSUM}` is \
+                 `{stored}`, its content hashes to `{actual}`)"
+            )));
+        }
+    }
     if let Some(key) = expect_key
         && record.key != *key
     {

@@ -48,6 +48,7 @@ impl Cache {
 
     /// Deletes a ref; an unset ref is fine.
     pub fn remove_ref(&self, namespace: &str, name: &str) -> Result<()> {
+        self.writable("remove a ref")?;
         let path = self.ref_path(namespace, name)?;
         match fs::remove_file(&path) {
             Ok(()) => Ok(()),

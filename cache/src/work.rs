@@ -7,7 +7,9 @@ use std::path::{Path, PathBuf};
 
 use tempfile::TempDir;
 
-use crate::cache::Cache;
+use tracing::debug;
+
+use crate::cache::{Cache, read_dir_sorted, remove_path};
 use crate::digest::Digest;
 use crate::error::{Result, io_err};
 use crate::lock::ActivityGuard;
@@ -36,6 +38,7 @@ impl Cache {
     /// [`remove_work_dir`](Cache::remove_work_dir) after publishing. `gc` removes those of keys it
     /// is not told to keep.
     pub fn work_dir(&self, key: &Digest) -> Result<PathBuf> {
+        self.writable("create a work area")?;
         let path = self.work_path(key);
         fs::create_dir_all(&path).map_err(io_err("create directory", &path))?;
         Ok(path)
@@ -43,6 +46,7 @@ impl Cache {
 
     /// Removes the work area of `key`; absent is fine.
     pub fn remove_work_dir(&self, key: &Digest) -> Result<()> {
+        self.writable("remove a work area")?;
         let path = self.work_path(key);
         match fs::remove_dir_all(&path) {
             Ok(()) => Ok(()),
@@ -53,6 +57,49 @@ impl Cache {
 
     pub(crate) fn work_path(&self, key: &Digest) -> PathBuf {
         self.dir("work").join(key.to_hex())
+    }
+
+    /// The keys that have a work area, with its path (entries not named by a key are skipped).
+    pub(crate) fn work_dirs(&self) -> Result<Vec<(Digest, PathBuf)>> {
+        Ok(read_dir_sorted(&self.dir("work"))?
+            .into_iter()
+            .filter_map(|p| Some((p.file_name()?.to_str()?.parse::<Digest>().ok()?, p)))
+            .collect())
+    }
+
+    /// Work areas of keys that have a [complete record](Cache::complete_record): resume state
+    /// nothing will resume, left by a stage killed between publishing its record and removing
+    /// its work area.
+    pub fn finished_work_dirs(&self) -> Result<Vec<PathBuf>> {
+        Ok(self.finished_work_areas()?.into_iter().map(|(_, p)| p).collect())
+    }
+
+    fn finished_work_areas(&self) -> Result<Vec<(Digest, PathBuf)>> {
+        let mut out = Vec::new();
+        for (key, path) in self.work_dirs()? {
+            if self.complete_record(&key)?.is_some() {
+                out.push((key, path));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Removes the [finished work areas](Cache::finished_work_dirs), each under its key's lock
+    /// (a key some process holds is left alone). Does nothing in a read-only cache. `progdiff
+    /// run` calls this before it starts; `gc` and `repair` do it too. Returns how many were
+    /// removed.
+    pub fn remove_finished_work_dirs(&self) -> Result<usize> {
+        if self.read_only {
+            return Ok(0);
+        }
+        let mut removed = 0;
+        for (key, path) in self.finished_work_areas()? {
+            let Some(_lock) = self.try_lock_key_for_removal(&key)? else { continue };
+            remove_path(&path)?;
+            debug!(key = %key, path = %path.display(), "removed the work area of a finished stage");
+            removed += 1;
+        }
+        Ok(removed)
     }
 
     /// A fresh empty staging directory under `tmp/`, removed when the guard drops.

@@ -248,6 +248,18 @@ pub fn run(
                         continue;
                     }
                 }
+                if cache.is_read_only() {
+                    let mut o = outcome(stage, RunStatus::Failed, BTreeMap::new());
+                    o.error = Some(format!(
+                        "cannot run `{}`: the cache `{}` is read-only, so it can only serve \
+                         stages it holds\nhint: run with a writable `--cache-dir`",
+                        stage.id,
+                        cache.root().display()
+                    ));
+                    outcomes[i] = Some(o);
+                    state[i] = State::Failed;
+                    continue;
+                }
                 let Some(slot) = free.iter_mut().find(|(_, c)| *c > 0) else { break };
                 slot.1 -= 1;
                 let device = slot.0.clone();
@@ -439,8 +451,12 @@ pub(crate) fn outcome(
     }
 }
 
-/// Points the plan-history refs of every variant at the instance's key.
+/// Points the plan-history refs of every variant at the instance's key (not in a read-only
+/// cache: the history is only a convenience for `plan`'s reasons).
 pub(crate) fn set_refs(cache: &Cache, stage: &PlannedStage) {
+    if cache.is_read_only() {
+        return;
+    }
     for (namespace, id) in &stage.refs {
         if let Err(e) = cache.set_ref(namespace, id, &stage.key) {
             tracing::warn!("recording the plan history of `{}`: {e}", stage.id);
@@ -538,6 +554,19 @@ fn finish(
             return o;
         }
         _ => {}
+    }
+    // The record is what counts: a worker that died after publishing it (killed, or failing
+    // to clean up) has completed its stage.
+    if let Ok(Some(record)) = complete_record(cache, &stage.key) {
+        tracing::warn!(
+            "{}: the worker ended abnormally ({status}) after publishing the stage's record; \
+             its result is complete",
+            stage.id
+        );
+        o.status = RunStatus::Ran;
+        o.outputs = outputs_of(cache, &record);
+        set_refs(cache, stage);
+        return o;
     }
     if cancel.is_cancelled() && (status.code() == Some(130) || status.signal().is_some()) {
         o.status = RunStatus::Skipped;

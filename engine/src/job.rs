@@ -174,9 +174,22 @@ pub fn outputs_of(cache: &Cache, record: &StageRecord) -> BTreeMap<String, PathB
     record.outputs.iter().map(|(k, o)| (k.clone(), cache.object_path(&o.digest))).collect()
 }
 
-/// The record of `key` when the cache holds it with every object.
+/// The record of `key` when the cache holds it with every object (see
+/// [`Cache::complete_record`]).
 pub fn complete_record(cache: &Cache, key: &Digest) -> anyhow::Result<Option<StageRecord>> {
-    Ok(cache.record(key)?.filter(|r| r.outputs.values().all(|o| cache.has_object(&o.digest))))
+    Ok(cache.complete_record(key)?)
+}
+
+/// Removes the work area of `key`, whose record is published: a failure (a full disk, a
+/// read-only file) is only a warning, since the stage's result is complete and the next
+/// `progdiff run`, `gc` or `cache verify --delete-corrupt` removes what is left.
+fn clear_work_dir(cache: &Cache, key: &Digest, id: &str) {
+    if let Err(e) = cache.remove_work_dir(key) {
+        tracing::warn!(
+            stage = %id,
+            "could not remove the work area of the completed stage (the next run removes it): {e}"
+        );
+    }
 }
 
 /// Checks every object of an upstream record against its digest before the stage reads it
@@ -302,6 +315,7 @@ pub fn execute(
     };
     if let Some(r) = cached(cache)? {
         tracing::info!(stage = %job.id, "computed by another process meanwhile");
+        clear_work_dir(cache, &key, &job.id);
         return Ok(Done { hit: true, outputs: outputs_of(cache, &r), seconds: 0.0 });
     }
     let staging = cache.staging_dir()?;
@@ -356,7 +370,8 @@ pub fn execute(
         },
     };
     cache.publish(&record)?;
-    cache.remove_work_dir(&key)?;
+    // Published: from here on nothing may turn the stage's success into a failure.
+    clear_work_dir(cache, &key, &job.id);
     Ok(Done { hit: false, outputs: outputs_of(cache, &record), seconds: duration_s })
 }
 

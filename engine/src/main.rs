@@ -23,6 +23,16 @@ struct Cli {
     /// Cache directory [default: .progdiff in the working directory]
     #[arg(long, global = true, env = "PROGDIFF_CACHE_DIR")]
     cache_dir: Option<PathBuf>,
+    /// Never write to the cache (a shared cache a CI job consumes): `run` serves what it holds
+    /// and fails stages it would have to compute. A cache that cannot be written (a read-only
+    /// mount) is opened this way anyway.
+    #[arg(
+        long,
+        global = true,
+        env = "PROGDIFF_CACHE_READ_ONLY",
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    cache_read_only: bool,
     /// Only warnings and errors on stderr, no progress bars
     #[arg(short, long, global = true)]
     quiet: bool,
@@ -215,8 +225,8 @@ fn main() -> ExitCode {
             if is_broken_pipe(&e) {
                 return ExitCode::SUCCESS;
             }
-            if let Some(ManifestError::Invalid(_)) = e.downcast_ref::<ManifestError>() {
-                eprintln!("{e}");
+            if let Some(e) = e.downcast_ref::<ManifestError>() {
+                print_manifest_error(e);
                 return ExitCode::from(EXIT_INVALID);
             }
             eprintln!("error: {e}");
@@ -224,6 +234,22 @@ fn main() -> ExitCode {
                 eprintln!("  caused by: {cause}");
             }
             ExitCode::from(EXIT_FAILED)
+        }
+    }
+}
+
+/// A manifest that cannot be used, however it failed (unreadable or invalid), exits with
+/// [`EXIT_INVALID`] from every command; an unreadable one is printed with its cause.
+fn print_manifest_error(e: &ManifestError) {
+    match e {
+        ManifestError::Invalid(_) => eprintln!("{e}"),
+        ManifestError::Read { .. } => {
+            eprintln!("error: {e}");
+            let mut cause = std::error::Error::source(e);
+            while let Some(c) = cause {
+                eprintln!("  caused by: {c}");
+                cause = c.source();
+            }
         }
     }
 }
@@ -254,9 +280,10 @@ fn init_logging(quiet: bool, verbose: bool) {
         .try_init();
 }
 
-fn open_cache(cli_dir: &Option<PathBuf>) -> anyhow::Result<Cache> {
-    let dir = cli_dir.clone().unwrap_or_else(|| PathBuf::from(".progdiff"));
-    Cache::open(&dir).with_context(|| format!("opening cache `{}`", dir.display()))
+fn open_cache(cli: &Cli) -> anyhow::Result<Cache> {
+    let dir = cli.cache_dir.clone().unwrap_or_else(|| PathBuf::from(".progdiff"));
+    let cache = if cli.cache_read_only { Cache::open_read_only(&dir) } else { Cache::open(&dir) };
+    cache.with_context(|| format!("opening cache `{}`", dir.display()))
 }
 
 fn real_main(cli: Cli) -> anyhow::Result<u8> {
@@ -282,7 +309,7 @@ fn real_main(cli: Cli) -> anyhow::Result<u8> {
                     }
                     Err(e) => {
                         failed = true;
-                        eprintln!("{e}");
+                        print_manifest_error(&e);
                     }
                 }
             }
@@ -292,7 +319,7 @@ fn real_main(cli: Cli) -> anyhow::Result<u8> {
             let exp = Experiment::load(manifest)?;
             let profile = Profile::find(profile.as_deref(), manifest)?;
             let slurm = resolve_backend(*backend, &profile) == Backend::Slurm;
-            let cache = open_cache(&cli.cache_dir)?;
+            let cache = open_cache(&cli)?;
             let p = select_variant(&exp, plan::plan_experiment(&exp, &cache)?, variant)?;
             let p = select_targets(p, targets, *downstream)?;
             let submissions = slurm.then(|| slurm_submissions(&exp, &p, &profile));
@@ -340,12 +367,16 @@ fn real_main(cli: Cli) -> anyhow::Result<u8> {
             };
             let worker = progdiff::worker::binary()?;
             let exp = Experiment::load(manifest)?;
-            let cache = open_cache(&cli.cache_dir)?;
+            let cache = open_cache(&cli)?;
             let swept = cache.sweep_tmp()?;
             if swept > 0 {
                 tracing::info!(
                     "removed {swept} leftovers of an interrupted run from the cache's tmp/"
                 );
+            }
+            let finished = cache.remove_finished_work_dirs()?;
+            if finished > 0 {
+                tracing::info!("removed {finished} work areas of stages that had completed");
             }
             let p = select_variant(&exp, plan::plan_experiment(&exp, &cache)?, variant)?;
             let mut p = select_targets(p, targets, false)?;
@@ -401,7 +432,7 @@ fn real_main(cli: Cli) -> anyhow::Result<u8> {
         }
         Command::Log { manifest, stage, variant } => {
             let exp = Experiment::load(manifest)?;
-            let cache = open_cache(&cli.cache_dir)?;
+            let cache = open_cache(&cli)?;
             let p = select_variant(&exp, plan::plan_experiment(&exp, &cache)?, variant)?;
             let Some(s) = p.stages.iter().find(|s| s.id == *stage) else {
                 let ids: Vec<String> = p.stages.iter().map(|s| format!("`{}`", s.id)).collect();
@@ -438,7 +469,7 @@ fn real_main(cli: Cli) -> anyhow::Result<u8> {
             let exp = Experiment::load(manifest)?;
             let nodes = if exp.is_sweep() {
                 // Which instances the variants share depends on their keys: plan them.
-                let cache = open_cache(&cli.cache_dir)?;
+                let cache = open_cache(&cli)?;
                 plan::plan_experiment(&exp, &cache)?
                     .stages
                     .into_iter()
@@ -456,7 +487,7 @@ fn real_main(cli: Cli) -> anyhow::Result<u8> {
             Ok(0)
         }
         Command::Report { manifests, format, plots } => {
-            let cache = open_cache(&cli.cache_dir)?;
+            let cache = open_cache(&cli)?;
             let mut rows = Vec::new();
             let mut written = Vec::new();
             for path in manifests {
@@ -518,7 +549,7 @@ fn real_main(cli: Cli) -> anyhow::Result<u8> {
 }
 
 fn cache_command(cli: &Cli, cmd: &CacheCommand, out: &mut impl Write) -> anyhow::Result<u8> {
-    let cache = open_cache(&cli.cache_dir)?;
+    let cache = open_cache(cli)?;
     match cmd {
         CacheCommand::Ls { json } => {
             let records = cache.list()?;
@@ -550,9 +581,21 @@ fn cache_command(cli: &Cli, cmd: &CacheCommand, out: &mut impl Write) -> anyhow:
                 let repaired = cache.repair(&report)?;
                 writeln!(
                     out,
-                    "removed {} corrupt objects, {} records, {} temp entries",
-                    repaired.objects_removed, repaired.records_removed, repaired.tmp_removed
+                    "removed {} corrupt objects, {} records ({} of them computed from removed \
+                     ones), {} work dirs, {} temp entries",
+                    repaired.objects_removed,
+                    repaired.records_removed,
+                    repaired.derived_records_removed,
+                    repaired.work_dirs_removed,
+                    repaired.tmp_removed
                 )?;
+                if !repaired.skipped_locked.is_empty() {
+                    writeln!(
+                        out,
+                        "left {} keys alone: a running stage holds them",
+                        repaired.skipped_locked.len()
+                    )?;
+                }
             }
             Ok(if report.is_clean() { 0 } else { EXIT_FAILED })
         }
@@ -567,11 +610,12 @@ fn cache_command(cli: &Cli, cmd: &CacheCommand, out: &mut impl Write) -> anyhow:
             let r = cache.gc(&keep, *dry_run)?;
             writeln!(
                 out,
-                "{}{} records, {} objects, {} work dirs, {} temp entries ({}); kept {} records, {} objects",
+                "{}{} records, {} objects, {} work dirs, {} prune banks, {} temp entries ({}); kept {} records, {} objects",
                 if r.dry_run { "would remove " } else { "removed " },
                 r.records_removed,
                 r.objects_removed,
                 r.work_dirs_removed,
+                r.side_dirs_removed,
                 r.tmp_removed,
                 human_bytes(r.bytes_freed),
                 r.records_kept,
@@ -622,6 +666,21 @@ fn print_verify(out: &mut impl Write, r: &progdiff_cache::VerifyReport) -> anyho
             m.digest,
             m.output
         )?;
+    }
+    for m in &r.size_mismatches {
+        writeln!(
+            out,
+            "record of `{}` ({}) says output `{}` is object {} of {} bytes, but that object has {} bytes",
+            m.id,
+            m.key.short(),
+            m.output,
+            m.digest,
+            m.recorded,
+            m.actual
+        )?;
+    }
+    for w in &r.finished_work_dirs {
+        writeln!(out, "work dir of a completed stage `{}`", w.display())?;
     }
     for t in &r.stale_tmp {
         writeln!(out, "stale temp entry `{}`", t.display())?;

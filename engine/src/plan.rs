@@ -359,8 +359,7 @@ pub fn plan(m: &Manifest, dag: &Dag, cache: &Cache) -> anyhow::Result<Plan> {
             inputs,
         };
         let key = fingerprint.key();
-        let record =
-            cache.record(&key)?.filter(|r| r.outputs.values().all(|o| cache.has_object(&o.digest)));
+        let record = cache.complete_record(&key)?;
         // A variant never planned before falls back to the history of the manifest without
         // its sweep, so adding a sweep explains changes against the last plain run.
         let prev_key = match cache.get_ref(&ns, &inst.id)? {

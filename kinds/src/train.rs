@@ -18,7 +18,8 @@ pub const VERSION: u32 = 1;
 pub const MODEL_FILE: &str = "model.safetensors";
 /// Output: the EMA weights.
 pub const EMA_FILE: &str = "ema.safetensors";
-/// Output: one JSON object per logged step.
+/// Output: one JSON object per logged step. Its `samples_per_s` is wall-clock throughput, so
+/// this file (unlike the weights) differs between identical runs.
 pub const METRICS_FILE: &str = "metrics.jsonl";
 
 /// Which upstream weights fine-tuning starts from.

@@ -18,6 +18,14 @@
 //!
 //! Outputs: `model.safetensors`, `ema.safetensors` (what later stages use by default) and
 //! `metrics.jsonl`.
+//!
+//! **`metrics.jsonl` is not reproducible byte for byte.** Each line's `samples_per_s` is
+//! measured throughput (wall-clock), so two identical runs (or a resumed and an uninterrupted
+//! one) store different `metrics.jsonl` objects, while their weights and every other metric
+//! agree exactly. Nothing downstream depends on it: keys never hash outputs, and no stage reads
+//! the field. It stays in the output rather than moving to the worker's log because taking it
+//! out changes the train stage's outputs, which means bumping `train`'s VERSION and re-running
+//! every cached training result; do that with the next change that needs a bump anyway.
 
 pub use progdiff_kinds::train::*;
 

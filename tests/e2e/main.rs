@@ -6,6 +6,7 @@ mod common;
 mod engine;
 mod evaluate;
 mod hostile;
+mod integrity;
 mod manifests;
 mod prune;
 mod slurm;

@@ -317,3 +317,152 @@ fn bad_seed_banks_and_groups_are_reported_with_positions() {
     assert_eq!(lines, expected, "{err}");
     assert!(err.contains("hint: add `seed` to `needs`"), "{err}");
 }
+
+/// A canary key with a `/`, which a JSON encoder may escape as `\/`.
+const CANARY: &str = "sk-canary/5d1e9f-echoed-back";
+
+#[test]
+fn issue_17_an_api_key_echoed_by_the_endpoint_is_in_no_file_under_the_cache() {
+    let server = Server::start();
+    let escaped = CANARY.replace('/', "\\/");
+    // An error that echoes the Authorization header (retried), then answers that echo it in an
+    // extra field, JSON-escaped, and inside the message.
+    server.push(Answer::status(
+        500,
+        format!(
+            r#"{{"error": {{"message": "upstream rejected `Authorization: Bearer {CANARY}`"}}}}"#
+        ),
+    ));
+    let content = format!("{{\"plans\": [{{}}]}} (request signed with {CANARY})");
+    let body = serde_json::json!({
+        "id": "x",
+        "echo": { "authorization": format!("Bearer {CANARY}") },
+        "choices": [{ "index": 0, "message": { "role": "assistant", "content": content } }]
+    })
+    .to_string()
+    .replace(CANARY, &escaped);
+    server.set_fallback(Answer::status(
+        200,
+        format!("{}, \"raw\": \"{CANARY}\"}}", &body[..body.len() - 1]),
+    ));
+    let p = Project::new();
+    p.write(
+        "m.yaml",
+        &with_prune(&format!(
+            "  prune:\n    kind: prune\n    needs: [base, allocate]\n    for_each: group\n    \
+             batch_size: 4\n    proxy: {{ kind: llm, endpoint: \"{}\", model: test-model, \
+             api_key_env: {LLM_KEY_ENV}, rounds: 1, candidates: 1, timeout_s: 30, \
+             backoff_ms: 10 }}\n",
+            server.url
+        )),
+    );
+    let out = p.cmd(&["run", "--json", "m.yaml"]).env(LLM_KEY_ENV, CANARY).output().unwrap();
+    assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
+    let requests = server.requests();
+    assert_eq!(requests.len(), 3, "one retry after the 500, then one request per group");
+    assert!(requests.iter().all(|r| r.head.contains(CANARY)), "the key is sent");
+    for text in [stdout(&out), stderr(&out)] {
+        assert!(!text.contains(CANARY) && !text.contains(&escaped), "{text}");
+    }
+    let mut files = Vec::new();
+    files_under(&p.cache(), &mut files);
+    let responses: Vec<_> =
+        files.iter().filter(|f| f.to_string_lossy().contains("/responses/")).collect();
+    assert_eq!(responses.len(), 2, "{files:?}");
+    for r in responses {
+        let text = std::fs::read_to_string(r).unwrap();
+        assert!(text.contains("<redacted>"), "{text}");
+    }
+    for f in &files {
+        let bytes = std::fs::read(f).unwrap();
+        for needle in [CANARY, &escaped, "5d1e9f-echoed-back"] {
+            assert!(
+                !bytes.windows(needle.len()).any(|w| w == needle.as_bytes()),
+                "`{needle}` is in {}",
+                f.display()
+            );
+        }
+    }
+    // The stored (redacted) answers serve a second run: no request, same plans.
+    let out = p.cmd(&["run", "--json", "m.yaml"]).env(LLM_KEY_ENV, CANARY).output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(server.requests().len(), 3);
+}
+
+/// The bank directories under the cache.
+fn banks(p: &Project) -> Vec<std::path::PathBuf> {
+    let mut dirs: Vec<_> = std::fs::read_dir(p.cache().join("v1/prune-banks"))
+        .map(|d| d.map(|e| e.unwrap().path()).collect())
+        .unwrap_or_default();
+    dirs.sort();
+    dirs
+}
+
+#[test]
+fn issue_17_gc_collects_the_banks_no_kept_prune_instance_claims() {
+    let p = Project::new();
+    let manifest = &PRUNE[..PRUNE.find("  finetune:").unwrap()];
+    p.write("m.yaml", manifest);
+    let (out, first) = p.json(&["run", "--json", "m.yaml"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let old = banks(&p);
+    assert_eq!(old.len(), 2);
+    for (g, dir) in old.iter().enumerate() {
+        let owners: Vec<String> = std::fs::read_dir(dir.join("owners"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(owners.len(), 1, "{owners:?}");
+        let keys: Vec<&str> = (0..2)
+            .map(|i| {
+                first["stages"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|s| s["id"] == format!("prune[{i}]"))
+                    .unwrap()["key"]
+                    .as_str()
+                    .unwrap()
+            })
+            .collect();
+        assert!(keys.contains(&owners[0].as_str()), "group {g}: {owners:?} not in {keys:?}");
+    }
+
+    // More rounds: another key resumes the same banks and claims them too; gc keeping the new
+    // manifest keeps them, though the old prune records go.
+    p.write("m.yaml", &manifest.replace("rounds: 2", "rounds: 3"));
+    let (out, _) = p.json(&["run", "--json", "m.yaml"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(banks(&p), old);
+    let out = p.run(&["cache", "gc", "m.yaml"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).starts_with("removed 2 records, "), "{}", stdout(&out));
+    assert!(stdout(&out).contains(", 0 prune banks,"), "{}", stdout(&out));
+    assert_eq!(banks(&p), old);
+
+    // Another base model: new banks; the old ones are claimed by no kept instance any more.
+    p.write(
+        "m.yaml",
+        &manifest
+            .replace("rounds: 2", "rounds: 3")
+            .replace("base: { kind: train, steps: 10", "base: { kind: train, steps: 11"),
+    );
+    let (out, _) = p.json(&["run", "--json", "m.yaml"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(banks(&p).len(), 4);
+    let out = p.run(&["cache", "gc", "m.yaml", "--dry-run"]);
+    assert!(stdout(&out).contains(", 2 prune banks,"), "{}", stdout(&out));
+    assert_eq!(banks(&p).len(), 4, "a dry run removes nothing");
+    let out = p.run(&["cache", "gc", "m.yaml"]);
+    assert!(stdout(&out).contains(", 2 prune banks,"), "{}", stdout(&out));
+    let new = banks(&p);
+    assert_eq!(new.len(), 2);
+    assert!(new.iter().all(|d| !old.contains(d)));
+    let (_, plan) = p.json(&["plan", "--json", "m.yaml"]);
+    assert!(stage_rows(&plan).iter().all(|r| r.1 == "cached"), "{plan:#}");
+
+    // Nothing kept: no bank is left.
+    let out = p.run(&["cache", "gc"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(banks(&p).is_empty());
+}

@@ -74,3 +74,43 @@ fn a_killed_training_run_resumes_to_identical_weights() {
     assert_eq!(metrics(&v), metrics(&again));
     assert!(p.run(&["cache", "verify"]).status.success());
 }
+
+/// Issue 17: `metrics.jsonl` records throughput (`samples_per_s`, wall-clock), so two identical
+/// runs store different metrics objects; everything else in it, and the weights, are identical.
+#[test]
+fn identical_runs_differ_only_in_the_measured_throughput() {
+    let tiny = MANIFEST.replace("steps: 150", "steps: 6").replace("log_every: 50", "log_every: 3");
+    let runs: Vec<serde_json::Value> = (0..2)
+        .map(|_| {
+            let p = Project::new();
+            p.write("m.yaml", &tiny);
+            let (out, v) = p.json(&["run", "--json", "m.yaml"]);
+            assert!(out.status.success(), "{}", stderr(&out));
+            let metrics: Vec<serde_json::Value> = std::fs::read_to_string(
+                v["stages"][0]["outputs"]["metrics.jsonl"].as_str().unwrap(),
+            )
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+            serde_json::json!({ "outputs": outputs(&v), "metrics": metrics })
+        })
+        .collect();
+    assert_eq!(runs[0]["outputs"][0], runs[1]["outputs"][0], "model.safetensors");
+    assert_eq!(runs[0]["outputs"][1], runs[1]["outputs"][1], "ema.safetensors");
+    let without_timing = |v: &serde_json::Value| -> Vec<serde_json::Value> {
+        v["metrics"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|line| {
+                let mut line = line.clone();
+                let rate = line.as_object_mut().unwrap().remove("samples_per_s");
+                assert!(rate.and_then(|r| r.as_f64()).is_some_and(|r| r > 0.0), "{line}");
+                line
+            })
+            .collect()
+    };
+    assert_eq!(without_timing(&runs[0]), without_timing(&runs[1]));
+    assert_eq!(without_timing(&runs[0]).len(), 2);
+}

@@ -37,14 +37,15 @@ fn keeps_what_is_kept_and_removes_the_rest() {
     assert!(dry.dry_run && dry.quiescent);
     assert_eq!((dry.records_kept, dry.records_removed), (1, 2));
     assert_eq!((dry.objects_kept, dry.objects_removed), (2, 2));
-    assert_eq!(dry.work_dirs_removed, 2);
+    // b's and the crashed stage's, and a's: a kept stage that completed needs no resume state.
+    assert_eq!(dry.work_dirs_removed, 3);
     assert_eq!(dry.locks_removed, 1);
     assert_eq!(dry.index_entries_removed, 1);
 
     let report = cache.gc(&keep, false).unwrap();
     assert_eq!(
         (report.records_removed, report.objects_removed, report.work_dirs_removed),
-        (2, 2, 2)
+        (2, 2, 3)
     );
     assert_eq!(report.bytes_freed, dry.bytes_freed);
     assert!(report.bytes_freed >= (only_b.size + loose.size + 2));
@@ -58,7 +59,7 @@ fn keeps_what_is_kept_and_removes_the_rest() {
         assert!(!cache.has_object(&o.digest));
     }
     assert_eq!(object_files(&cache).len(), 2);
-    assert!(cache.bucket().join(format!("work/{}", a.key)).exists());
+    assert!(!cache.bucket().join(format!("work/{}", a.key)).exists());
     assert!(!cache.bucket().join(format!("work/{}", b.key)).exists());
     assert!(!cache.bucket().join(format!("work/{crashed}")).exists());
     assert!(!cache.bucket().join(format!("locks/{}/{}.lock", b.key.prefix(), b.key)).exists());
@@ -108,4 +109,92 @@ fn min_age_zero_sweeps_even_while_busy() {
     let report = cache.gc_with(&BTreeSet::new(), &options).unwrap();
     assert_eq!(report.objects_removed, 1);
     assert!(!cache.has_object(&o.digest));
+}
+
+/// Issue 17: a kept key's work area survives while its stage is incomplete, and goes once its
+/// record is complete (a kill between publishing and cleaning up leaves one).
+#[test]
+fn kept_work_dirs_go_only_once_their_stage_is_complete() {
+    let (_d, cache) = cache();
+    let key = hash_bytes(b"resumable");
+    let resume = cache.work_dir(&key).unwrap().join("latest");
+    fs::write(&resume, b"half trained").unwrap();
+    let keep = BTreeSet::from([key]);
+    assert_eq!(cache.gc(&keep, false).unwrap().work_dirs_removed, 0);
+    assert!(resume.exists(), "no record yet: the next run resumes from it");
+    let rec = record("resumable", &[("out", cache.put_bytes(b"out").unwrap())]);
+    cache.publish(&rec).unwrap();
+    // Held by a running process: left alone.
+    let held = cache.lock_key(&rec.key).unwrap();
+    assert_eq!(cache.gc(&keep, false).unwrap().work_dirs_removed, 0);
+    drop(held);
+    assert_eq!(cache.gc(&keep, false).unwrap().work_dirs_removed, 1);
+    assert!(!resume.exists());
+    assert!(cache.record(&rec.key).unwrap().is_some());
+}
+
+/// A side-store entry (a prune stage's memory bank) claimed by `keys`.
+fn bank(
+    cache: &progdiff_cache::Cache,
+    name: &str,
+    keys: &[progdiff_cache::Digest],
+) -> std::path::PathBuf {
+    let dir = cache.bucket().join("prune-banks").join(name);
+    fs::create_dir_all(dir.join("owners")).unwrap();
+    fs::write(dir.join("round-1.json"), b"{}").unwrap();
+    for k in keys {
+        fs::write(dir.join("owners").join(k.to_hex()), b"").unwrap();
+    }
+    dir
+}
+
+/// Issue 17: `gc` collects the memory banks no kept key claims.
+#[test]
+fn prune_banks_live_while_a_kept_or_running_key_claims_them() {
+    let (_d, cache) = cache();
+    let [kept, dropped, running] = ["kept", "dropped", "running"].map(|s| hash_bytes(s.as_bytes()));
+    cache.publish(&record("kept", &[])).unwrap();
+    cache.publish(&record("dropped", &[])).unwrap();
+    let shared = bank(&cache, "shared", &[kept, dropped]);
+    let orphan = bank(&cache, "orphan", &[dropped]);
+    let unclaimed = bank(&cache, "unclaimed", &[]);
+    let in_use = bank(&cache, "in-use", &[running]);
+    for dir in [&shared, &orphan, &unclaimed, &in_use] {
+        for entry in [dir.join("owners"), dir.join("round-1.json"), dir.to_path_buf()] {
+            super::age(&entry, Duration::from_secs(7200));
+        }
+    }
+    let keep = BTreeSet::from([kept]);
+
+    let lock = cache.lock_key(&running).unwrap();
+    let snapshot = super::files_under(cache.bucket());
+    let dry = cache.gc_with(&keep, &GcOptions { dry_run: true, ..GcOptions::default() }).unwrap();
+    assert_eq!((dry.side_dirs_kept, dry.side_dirs_removed), (2, 2));
+    assert_eq!(super::files_under(cache.bucket()), snapshot, "a dry run removes nothing");
+    let report = cache.gc(&keep, false).unwrap();
+    assert!(!report.quiescent);
+    assert_eq!((report.side_dirs_kept, report.side_dirs_removed), (2, 2));
+    assert!(shared.join("round-1.json").exists() && in_use.exists());
+    assert!(!orphan.exists() && !unclaimed.exists());
+    drop(lock);
+
+    // Nothing running: the running stage's bank goes with its key.
+    let report = cache.gc(&keep, false).unwrap();
+    assert!(report.quiescent);
+    assert_eq!((report.side_dirs_kept, report.side_dirs_removed), (1, 1));
+    assert!(shared.exists() && !in_use.exists());
+    assert_eq!(cache.gc(&BTreeSet::new(), false).unwrap().side_dirs_removed, 1);
+    assert!(!shared.exists());
+}
+
+/// While writers are active, a bank changed recently may belong to a stage that has not claimed
+/// it yet.
+#[test]
+fn young_unclaimed_banks_are_spared_while_busy() {
+    let (_d, cache) = cache();
+    let fresh = bank(&cache, "fresh", &[]);
+    let _busy = cache.lock_key(&hash_bytes(b"busy")).unwrap();
+    let report = cache.gc(&BTreeSet::new(), false).unwrap();
+    assert_eq!((report.side_dirs_kept, report.side_dirs_removed), (1, 0));
+    assert!(fresh.exists());
 }

@@ -6,6 +6,7 @@ mod gc;
 mod leases;
 mod locks;
 mod objects;
+mod read_only;
 mod records;
 mod refs;
 mod verify;
@@ -40,6 +41,19 @@ pub fn record(seed: &str, outputs: &[(&str, ObjectRef)]) -> StageRecord {
     }
 }
 
+/// A record like [`record`] whose fingerprint says it read the stages of `upstream` (as the
+/// engine's fingerprint does: `upstream` maps instance ids to keys in hex).
+pub fn derived(
+    seed: &str,
+    outputs: &[(&str, ObjectRef)],
+    upstream: &[&StageRecord],
+) -> StageRecord {
+    let mut r = record(seed, outputs);
+    r.fingerprint["upstream"] =
+        upstream.iter().map(|u| (u.id.clone(), serde_json::Value::from(u.key.to_hex()))).collect();
+    r
+}
+
 /// Every file under `dir`, sorted.
 pub fn files_under(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
@@ -62,9 +76,10 @@ pub fn object_files(cache: &Cache) -> Vec<PathBuf> {
     files_under(&cache.bucket().join("objects"))
 }
 
-/// Sets a file's mtime `ago` in the past (so the file-digest memo trusts it).
+/// Sets a file's (or a directory's) mtime `ago` in the past (so the file-digest memo trusts it,
+/// or gc judges it old).
 pub fn age(path: &Path, ago: Duration) {
-    let f = std::fs::File::options().write(true).open(path).unwrap();
+    let f = std::fs::File::open(path).unwrap();
     f.set_modified(SystemTime::now() - ago).unwrap();
 }
 

@@ -1,8 +1,8 @@
 use std::fs;
 
-use progdiff_cache::hash_bytes;
+use progdiff_cache::{Digest, hash_bytes};
 
-use super::{cache, flip_byte, record};
+use super::{cache, derived, flip_byte, record};
 
 #[test]
 fn clean_cache_verifies_clean() {
@@ -104,4 +104,143 @@ fn stray_files_are_reported() {
     fs::create_dir_all(&stray).unwrap();
     fs::write(stray.join("notes.txt"), b"hi").unwrap();
     assert_eq!(cache.verify().unwrap().stray_files, [stray.join("notes.txt")]);
+}
+
+/// Writes `record`'s file as `edit` changes its JSON, keeping the (now stale) checksum.
+fn edit_record(
+    cache: &progdiff_cache::Cache,
+    key: &Digest,
+    edit: impl FnOnce(&mut serde_json::Value),
+) {
+    let path = cache.record_path(key);
+    let mut json: serde_json::Value = serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
+    edit(&mut json);
+    fs::write(&path, serde_json::to_vec_pretty(&json).unwrap()).unwrap();
+}
+
+/// Issue 17: a record whose size disagrees with its object, and one pointing at another existing
+/// object, are reported, no longer served, and repaired.
+#[test]
+fn records_disagreeing_with_their_objects_are_reported_and_repaired() {
+    let (_d, cache) = cache();
+    let model = cache.put_bytes(b"model weights 1").unwrap();
+    let ema = cache.put_bytes(b"ema weights 123").unwrap();
+    let other = cache.put_bytes(b"another stage's output").unwrap();
+    let base = record("base", &[("model", model), ("ema", ema)]);
+    let eval = record("eval", &[("metrics", other)]);
+    cache.publish(&base).unwrap();
+    cache.publish(&eval).unwrap();
+    assert!(cache.verify().unwrap().is_clean());
+
+    // The record's own size, edited: the checksum catches it, the size check too.
+    edit_record(&cache, &base.key, |j| j["outputs"]["model"]["size"] = 999.into());
+    let report = cache.verify().unwrap();
+    assert_eq!(report.size_mismatches.len(), 0, "an untrusted record is not read further");
+    assert_eq!(report.bad_records.len(), 1, "{report:?}");
+    assert!(report.bad_records[0].reason.starts_with("checksum mismatch"), "{report:?}");
+    assert_eq!(cache.record(&base.key).unwrap(), None, "never served");
+
+    // Without a checksum (a record from before checksums), the size check alone catches it.
+    edit_record(&cache, &base.key, |j| {
+        j.as_object_mut().unwrap().remove("checksum");
+    });
+    let report = cache.verify().unwrap();
+    assert!(report.bad_records.is_empty(), "{report:?}");
+    assert_eq!(report.size_mismatches.len(), 1, "{report:?}");
+    let m = &report.size_mismatches[0];
+    assert_eq!((m.key, m.output.as_str(), m.recorded, m.actual), (base.key, "model", 999, 15));
+    assert_eq!(cache.complete_record(&base.key).unwrap(), None, "not a hit");
+
+    // Pointing at another existing object of the same size: only the checksum can tell.
+    cache.publish(&base).unwrap();
+    edit_record(&cache, &eval.key, |j| {
+        j["outputs"]["metrics"] = serde_json::json!({ "digest": ema.digest, "size": ema.size })
+    });
+    let report = cache.verify().unwrap();
+    assert_eq!(report.bad_records.len(), 1, "{report:?}");
+    assert_eq!(report.bad_records[0].key, eval.key);
+    assert!(report.bad_records[0].reason.contains("changed after it was published"));
+    let repaired = cache.repair(&report).unwrap();
+    assert_eq!(repaired.records_removed, 1);
+    assert_eq!(cache.record(&eval.key).unwrap(), None);
+    assert_eq!(cache.record(&base.key).unwrap(), Some(base));
+    assert!(cache.verify().unwrap().is_clean());
+}
+
+/// Issue 17: repair removes what was computed from a corrupt object, transitively, with the
+/// resume state of stages that read it; unrelated records and those that merely lost an object
+/// keep their dependents.
+#[test]
+fn repair_removes_everything_computed_from_a_corrupt_object() {
+    let (_d, cache) = cache();
+    let put = |s: &str| cache.put_bytes(s.as_bytes()).unwrap();
+    let base = record("base", &[("ema", put("base ema bytes"))]);
+    let alloc = record("allocate", &[("allocation", put("groups"))]);
+    let prune = derived("prune[0]", &[("model", put("pruned"))], &[&base, &alloc]);
+    let finetune = derived("finetune[0]", &[("ema", put("tuned"))], &[&prune, &alloc]);
+    let eval = derived("eval", &[("metrics", put("fid 3.1"))], &[&finetune]);
+    let lonely = record("features", &[("extractor", put("inception"))]);
+    let uses_lonely = derived("fid", &[("stats", put("stats"))], &[&lonely]);
+    for r in [&base, &alloc, &prune, &finetune, &eval, &lonely, &uses_lonely] {
+        cache.publish(r).unwrap();
+    }
+    // A second fine-tune was interrupted: resume state computed from the pruned model, and the
+    // job description saying what it reads.
+    let partial = hash_bytes(b"finetune[1]");
+    let resume = cache.work_dir(&partial).unwrap().join("latest");
+    fs::write(&resume, b"trained on bad bytes").unwrap();
+    let job =
+        serde_json::json!({ "key": partial, "upstream": [{ "id": "prune[1]", "key": prune.key }] });
+    cache.write_job(&partial, &serde_json::to_vec(&job).unwrap()).unwrap();
+    // An unrelated interrupted stage keeps its resume state.
+    let unrelated = hash_bytes(b"other");
+    let keeps = cache.work_dir(&unrelated).unwrap().join("latest");
+    fs::write(&keeps, b"fine").unwrap();
+
+    flip_byte(&cache.object_path(&base.outputs["ema"].digest), 2);
+    fs::remove_file(cache.object_path(&lonely.outputs["extractor"].digest)).unwrap();
+    let report = cache.verify().unwrap();
+    assert_eq!((report.corrupt_objects.len(), report.missing_objects.len()), (1, 1));
+    let repaired = cache.repair(&report).unwrap();
+    assert_eq!(repaired.objects_removed, 1);
+    assert_eq!((repaired.records_removed, repaired.derived_records_removed), (5, 3));
+    assert_eq!(repaired.work_dirs_removed, 1);
+    for gone in [&base, &prune, &finetune, &eval, &lonely] {
+        assert_eq!(cache.record(&gone.key).unwrap(), None, "{}", gone.id);
+    }
+    for kept in [&alloc, &uses_lonely] {
+        assert!(cache.record(&kept.key).unwrap().is_some(), "{}", kept.id);
+    }
+    assert!(!resume.exists(), "no resuming from state computed from the corrupt object");
+    assert!(keeps.exists());
+    assert!(cache.verify().unwrap().is_clean());
+}
+
+/// Issue 17: a stage killed between publishing its record and removing its work area leaves a
+/// work area nothing resumes from: reported, and removed by repair and by the next run's sweep.
+#[test]
+fn work_dirs_of_completed_stages_are_reported_and_removed() {
+    let (_d, cache) = cache();
+    let o = cache.put_bytes(b"done").unwrap();
+    let done = record("done", &[("out", o)]);
+    let unfinished = hash_bytes(b"unfinished");
+    for key in [done.key, unfinished] {
+        fs::write(cache.work_dir(&key).unwrap().join("latest"), b"state").unwrap();
+    }
+    cache.publish(&done).unwrap();
+    let leftover = cache.bucket().join(format!("work/{}", done.key));
+    let report = cache.verify().unwrap();
+    assert_eq!(report.finished_work_dirs, std::slice::from_ref(&leftover));
+    assert!(!report.is_clean());
+    assert_eq!(cache.repair(&report).unwrap().work_dirs_removed, 1);
+    assert!(!leftover.exists());
+    assert!(cache.bucket().join(format!("work/{unfinished}/latest")).exists());
+    assert!(cache.verify().unwrap().is_clean());
+
+    fs::write(cache.work_dir(&done.key).unwrap().join("latest"), b"state").unwrap();
+    let held = cache.lock_key(&done.key).unwrap();
+    assert_eq!(cache.remove_finished_work_dirs().unwrap(), 0, "a held key is left alone");
+    drop(held);
+    assert_eq!(cache.remove_finished_work_dirs().unwrap(), 1);
+    assert!(!leftover.exists());
 }

@@ -64,7 +64,7 @@ impl Cx {
             );
             return None;
         }
-        let text = match std::fs::read_to_string(&path) {
+        let text = match super::read_text(&path) {
             Ok(t) => t,
             Err(e) => {
                 self.push_at(value.pos, EXTENDS, format!("cannot read `{}`: {e}", path.display()));

@@ -99,6 +99,52 @@ fn render(diags: &[Diagnostic]) -> String {
     s
 }
 
+/// Reads a manifest file (the one given, or one it `extends:`) as UTF-8 text.
+///
+/// Only a regular file (or a symlink to one) is read: a named pipe would block the read until
+/// some process writes to it, so it and every other kind of file (a directory, a device, a
+/// socket) is an error naming what the path is. The file is opened without blocking and checked
+/// again once open, so one swapped in between is refused too.
+pub(crate) fn read_text(path: &Path) -> std::io::Result<String> {
+    String::from_utf8(read_bytes(path)?)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.utf8_error()))
+}
+
+/// The bytes of a manifest file (a regular file only: see [`read_text`]).
+pub(crate) fn read_bytes(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    check_regular(&std::fs::metadata(path)?)?;
+    let mut file =
+        std::fs::OpenOptions::new().read(true).custom_flags(nix::libc::O_NONBLOCK).open(path)?;
+    check_regular(&file.metadata()?)?;
+    let mut bytes = Vec::new();
+    file.read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
+
+fn check_regular(meta: &std::fs::Metadata) -> std::io::Result<()> {
+    use std::os::unix::fs::FileTypeExt as _;
+    let t = meta.file_type();
+    let what = if t.is_file() {
+        return Ok(());
+    } else if t.is_dir() {
+        "a directory"
+    } else if t.is_fifo() {
+        "a named pipe (FIFO)"
+    } else if t.is_socket() {
+        "a socket"
+    } else if t.is_char_device() || t.is_block_device() {
+        "a device"
+    } else {
+        "a special file"
+    };
+    Err(std::io::Error::new(
+        std::io::ErrorKind::InvalidInput,
+        format!("it is {what}, not a regular file"),
+    ))
+}
+
 /// `for_each:` values.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ForEach {
@@ -165,7 +211,7 @@ pub struct Experiment {
 impl Experiment {
     /// Reads a manifest file, the files it `extends:`, and expands its sweep.
     pub fn load(path: &Path) -> Result<Experiment, ManifestError> {
-        let bytes = std::fs::read(path)
+        let bytes = read_bytes(path)
             .map_err(|source| ManifestError::Read { path: path.to_path_buf(), source })?;
         let text = utf8(bytes, &path.display().to_string()).map_err(ManifestError::Invalid)?;
         let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();

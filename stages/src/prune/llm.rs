@@ -28,7 +28,9 @@
 //! usable response body is also stored under `<bank dir>/responses/<blake3 of the request
 //! JSON>.json`, so a re-run that builds the same requests (same bank, same prompt) makes no HTTP
 //! call. The API key travels only in the `Authorization` header: it is never part of a request
-//! body, a digest, a file, a log line or an error (an error body echoing it is redacted).
+//! body, a digest, a file, a log line or an error: every response body, error or not, has the
+//! key [redacted](redact) (as it is and JSON-escaped) before it is read, logged or stored, so a
+//! server echoing the header back leaves no trace of it in the cache.
 //!
 //! **TLS.** `https` endpoints go through rustls with the `ring` crypto provider, installed as the
 //! process default before the client is built ([`http_client`]); certificates are checked against
@@ -75,6 +77,7 @@ pub fn run(env: &SearchEnv<'_>, p: &LlmParams, bank_out: &Path) -> anyhow::Resul
         ..p.clone()
     };
     let dir = bank_dir(env, &format!("llm/{}", serde_json::to_string(&key)?), scores_from)?;
+    super::search::claim_bank_dir(&dir, env.ctx)?;
     let responses = dir.join("responses");
     std::fs::create_dir_all(&responses)
         .with_context(|| format!("creating `{}`", responses.display()))?;
@@ -362,7 +365,7 @@ impl Connection {
             self.inner = Some((client, key));
         }
         let (client, key) = self.inner.as_ref().expect("set above");
-        let redact = |t: &str| t.replace(key.as_str(), "<redacted>");
+        let redact = |t: &str| redact(t, key);
         let resp = match client
             .post(&self.url)
             .bearer_auth(key)
@@ -387,7 +390,9 @@ impl Connection {
             Err(e) => return Ok(Reply::retry(redact(&format!("reading the answer failed: {e}")))),
         };
         if status.is_success() {
-            return Ok(Reply::Body(text));
+            // Redacted before anything reads it: the body is parsed, and stored in the response
+            // cache, exactly as a later run will read it back.
+            return Ok(Reply::Body(redact(&text)));
         }
         let shown: String = redact(&text).chars().take(2000).collect();
         if status.as_u16() == 429 || status.is_server_error() {
@@ -399,6 +404,27 @@ impl Connection {
         }
         bail!("the LLM endpoint `{}` answered HTTP {status}: {shown}", self.url)
     }
+}
+
+/// What the API key is replaced with wherever a response would carry it.
+pub const REDACTED: &str = "<redacted>";
+
+/// `text` with every occurrence of `key` replaced by [`REDACTED`], as it is and as a JSON string
+/// escapes it (a server echoing the `Authorization` header in a JSON body may escape `/` or
+/// `"`).
+pub fn redact(text: &str, key: &str) -> String {
+    if key.is_empty() {
+        return text.to_string();
+    }
+    let mut out = text.replace(key, REDACTED);
+    let escaped = serde_json::to_string(key).unwrap_or_default();
+    let escaped = escaped.trim_matches('"');
+    for form in [escaped.to_string(), escaped.replace('/', "\\/")] {
+        if !form.is_empty() && form != key {
+            out = out.replace(&form, REDACTED);
+        }
+    }
+    out
 }
 
 /// The JSON inside a chat answer: code fences stripped, else the outermost `{...}`.
@@ -448,7 +474,24 @@ fn parse_response(body: &str, s: &Structure) -> Result<Vec<Plan>, String> {
 mod tests {
     use std::time::{Duration, SystemTime};
 
-    use super::{MAX_RETRY_WAIT, http_client, parse_retry_after, retry_wait, strip_fences};
+    use super::{
+        MAX_RETRY_WAIT, REDACTED, http_client, parse_retry_after, redact, retry_wait, strip_fences,
+    };
+
+    #[test]
+    fn the_key_is_redacted_raw_and_json_escaped() {
+        let key = r#"sk-a/b"c\d"#;
+        let body = serde_json::json!({ "echo": format!("Bearer {key}") }).to_string();
+        let escaped_slash = body.replace('/', "\\/");
+        for text in [format!("raw {key} twice {key}"), body, escaped_slash] {
+            let out = redact(&text, key);
+            assert!(!out.contains(key), "{out}");
+            assert!(!out.contains(r#"sk-a/b\"c"#) && !out.contains(r#"sk-a\/b"#), "{out}");
+            assert!(out.contains(REDACTED), "{out}");
+        }
+        assert_eq!(redact("nothing here", key), "nothing here");
+        assert_eq!(redact("x", ""), "x");
+    }
 
     #[test]
     fn retry_after_takes_seconds_and_http_dates() {

@@ -15,7 +15,9 @@
 //! `rounds` (its outputs differ), so raising `rounds` from 5 to 8 re-runs the stage, which finds
 //! `round-5.json` and runs rounds 6-8 only; lowering it reuses `round-r.json` as is. Every round
 //! is deterministic from the manifest seed, the group and the round index, so a resumed search
-//! equals an uninterrupted one. The side store is not collected by `cache gc`.
+//! equals an uninterrupted one. Each bank directory names the stage instances that used it in
+//! `owners/<key>` ([`claim_bank_dir`]); `cache gc` keeps it while one of them is kept (a key of
+//! a manifest given to `gc`, or a running stage's) and removes it otherwise.
 //!
 //! **Seeds.** With `seed_bank` ([`super::PruneParams::seed_bank`]) the loop starts from another
 //! instance's bank: round 0 fits each of its plans to this group's bound and re-measures it on
@@ -174,6 +176,19 @@ pub(super) fn bank_dir(
     Ok(v1.join("prune-banks").join(digest.as_str()))
 }
 
+/// Creates the bank directory if needed and records that this stage instance uses it: an empty
+/// file `owners/<key>` named by the instance's key (its work area's name). `progdiff cache gc`
+/// keeps a bank directory while one of its owners is kept and removes it otherwise (see
+/// `progdiff_cache::SIDE_STORES`).
+pub(super) fn claim_bank_dir(dir: &Path, ctx: &StageContext) -> anyhow::Result<()> {
+    let owners = dir.join("owners");
+    std::fs::create_dir_all(&owners).with_context(|| format!("creating `{}`", owners.display()))?;
+    let key = ctx.work_dir.file_name().context("the stage's work area has no name")?;
+    let marker = owners.join(key);
+    std::fs::write(&marker, b"").with_context(|| format!("writing `{}`", marker.display()))?;
+    Ok(())
+}
+
 fn tensor_bytes(t: &tch::Tensor) -> Vec<u8> {
     let t = t.to_device(tch::Device::Cpu).contiguous();
     let n = t.numel() * t.kind().elt_size_in_bytes();
@@ -228,7 +243,7 @@ pub fn run(
     let (scores, scores_from) = channel_scores(env, p.importance)?;
     let key = SearchParams { rounds: 0, ..p.clone() };
     let dir = bank_dir(env, &serde_json::to_string(&key)?, scores_from)?;
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating `{}`", dir.display()))?;
+    claim_bank_dir(&dir, env.ctx)?;
     let mut bank = start_bank(env, &scores, &dir, p.rounds)?;
     let greedy = fit(s, &s.full_plan(), env.bound, &ScorePriority::new(s, &scores))?;
     while bank.rounds < p.rounds {
