@@ -93,18 +93,15 @@ fn issue_17_repair_removes_everything_computed_from_a_corrupted_input() {
     assert_eq!(out.status.code(), Some(1), "`resumable` fails the first time");
     let expected = run_ok(&clean, "m.yaml");
 
+    // The dependents computed from `base`; then one of `base`'s objects goes bad on disk.
+    // (A stage reading it now would refuse it: the worker re-hashes its inputs. `repair` must
+    // also remove what was computed from it, whenever that was.)
     let p = Project::new();
-    let base_only = &CHAIN[..CHAIN.find("  finetune:").unwrap()];
-    p.write("base.yaml", base_only);
-    let v = run_ok(&p, "base.yaml");
-    flip_byte(&output(&v, "base", "ema.safetensors"), 0);
-    // The dependents run on the corrupted bytes (nothing re-hashes inputs on read).
     p.write("m.yaml", CHAIN);
-    let (out, v) = p.json(&["run", "--json", "m.yaml"]);
-    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
-    assert_eq!(status_of(&v, "finetune"), "ran");
-    let tuned = std::fs::read_to_string(output(&v, "finetune", "tuned")).unwrap();
-    assert!(tuned.starts_with("case"), "computed from the flipped byte: {tuned}");
+    let (out, _) = p.json(&["run", "--json", "m.yaml"]);
+    assert_eq!(out.status.code(), Some(1), "`resumable` fails the first time, keeping a work dir");
+    let (_, v) = p.json(&["run", "--json", "m.yaml", "base"]);
+    flip_byte(&output(&v, "base", "ema.safetensors"), 0);
 
     let out = verify(&p, &["--delete-corrupt"]);
     assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
