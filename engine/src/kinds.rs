@@ -412,8 +412,28 @@ mod tests {
                 ("stage.k", json!(0.3), Key),
                 ("stage.schedule", json!("constant"), Key),
                 ("stage.clipped", json!("include"), Key),
+                ("stage.snr_schedule", json!("linear"), Key),
+                ("stage.snr_steps", json!(30), Key),
             ],
         );
+        // The diffusion's own schedule and steps written out are the default: same key.
+        check::<progdiff_kinds::allocate::SnrAllocate>(
+            json!({ "kind": "snr-allocate", "groups": 2, "k": 0.5, "snr_schedule": "cosine",
+                    "snr_steps": 40 }),
+            vec![
+                ("stage.groups", json!(3), Key),
+                ("stage.k", json!(0.3), Key),
+                ("stage.schedule", json!("constant"), Key),
+                ("stage.clipped", json!("include"), Key),
+                ("stage.snr_schedule", json!("linear"), Key),
+                ("stage.snr_steps", json!(30), Key),
+            ],
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let plain = base(json!({ "kind": "snr-allocate", "groups": 2 }));
+        let written = base(json!({ "kind": "snr-allocate", "groups": 2, "snr_schedule": "cosine",
+                                   "snr_steps": 40 }));
+        assert_eq!(key_of(&plain, dir.path()), key_of(&written, dir.path()));
     }
 
     #[test]
@@ -445,6 +465,7 @@ mod tests {
             json!({ "kind": "evaluate", "needs": ["base"], "samples": 4 }),
             vec![
                 ("stage.samples", json!(5), Key),
+                ("stage.samples", json!(0), Key),
                 ("stage.batch_size", json!(3), Key),
                 ("stage.weights", json!("model"), Key),
                 ("stage.clip_denoised", json!(false), Key),

@@ -1,5 +1,6 @@
 //! `evaluate`: samples, FID, averaged params/MACs and sampling time — parameters, inputs and
-//! the metrics file (the work is `progdiff_stages::evaluate`).
+//! the metrics file (the work is `progdiff_stages::evaluate`). With `samples: 0` it is a
+//! cost-only evaluation: the averaged params and MACs, no sampling and no FID.
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -34,7 +35,9 @@ pub enum Weights {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct EvaluateParams {
-    /// Images to sample (the paper: 50,000).
+    /// Images to sample (the paper: 50,000). 0 samples nothing and computes only the params and
+    /// MACs averaged over the sampled timesteps (the paper's cost columns, in seconds); such a
+    /// stage must not need an `fid-extractor`.
     pub samples: usize,
     /// Images per model call.
     pub batch_size: usize,
@@ -70,9 +73,6 @@ impl EvaluateParams {
     /// Checks serde cannot express.
     pub fn validate(&self) -> Vec<FieldError> {
         let mut e = Vec::new();
-        if self.samples == 0 {
-            e.push(FieldError::at("samples", "must be at least 1, got 0"));
-        }
         if self.batch_size == 0 {
             e.push(FieldError::at("batch_size", "must be at least 1, got 0"));
         }

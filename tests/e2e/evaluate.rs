@@ -114,3 +114,56 @@ fn ci_evaluate_manifest_reports_baseline_and_progressive_rows() {
     assert!(!out.status.success());
     assert!(stderr(&out).contains("hint: pass `--extractor"), "{}", stderr(&out));
 }
+
+/// Issue 14 through the binary: `samples: 0` evaluations (cost only) of a base model and of its
+/// pruned per-group copies, grouped by a linear-schedule SNR on a cosine diffusion.
+#[test]
+fn cost_only_evaluations_report_params_and_macs_without_samples() {
+    let p = Project::new();
+    p.write(
+        "cost.yaml",
+        r#"
+name: cost-only
+data: { kind: synthetic, n: 8, image_size: 8 }
+model: { image_size: 8, in_channels: 3, channels: 64, channel_mult: [1], res_blocks: 1,
+         attention_resolutions: [], heads: 1, dropout: 0.0, learn_sigma: true }
+diffusion: { steps: 40, schedule: cosine, sample_steps: "10" }
+stages:
+  base: { kind: train, steps: 1, batch_size: 2, log_every: 1 }
+  allocate: { kind: snr-allocate, groups: 2, k: 0.5, snr_schedule: linear, snr_steps: 25 }
+  prune: { kind: prune, needs: [base, allocate], for_each: group, batch_size: 2 }
+  eval_base: { kind: evaluate, needs: [base], samples: 0, label: base }
+  eval_pruned: { kind: evaluate, needs: [prune, allocate], samples: 0, label: pruned }
+"#,
+    );
+    let (out, run) = p.json(&["run", "--json", "cost.yaml"]);
+    assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
+    let outputs = |id: &str| {
+        run["stages"].as_array().unwrap().iter().find(|s| s["id"] == id).unwrap()["outputs"].clone()
+    };
+    // Cost only: metrics, no grid, no statistics.
+    for id in ["eval_base", "eval_pruned"] {
+        let names: Vec<String> = outputs(id).as_object().unwrap().keys().cloned().collect();
+        assert_eq!(names, ["metrics.json"], "{id}");
+    }
+    let alloc: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(outputs("allocate")["allocation.json"].as_str().unwrap()).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(alloc["noise_schedule"], "cosine");
+    assert_eq!(alloc["snr_source"], serde_json::json!({ "schedule": "linear", "steps": 25 }));
+
+    let rows = rows(&p, "cost.yaml");
+    let (base, pruned) = (&rows[0], &rows[1]);
+    for r in [base, pruned] {
+        assert_eq!(r["evaluated"], true, "{r}");
+        assert!(r["fid"].is_null() && r["samples"] == 0 && r["sampling_seconds"] == 0.0, "{r}");
+    }
+    // The base model's own cost (counted by hand in stages/tests/evaluate.rs).
+    assert_eq!(base["macs"], 30_986_240.0);
+    assert_eq!(pruned["models"], 2);
+    let macs = pruned["macs"].as_f64().unwrap();
+    assert!(macs < 30_986_240.0 && macs > 0.5 * 30_986_240.0, "{pruned}");
+    let md = stdout(&p.run(&["report", "cost.yaml"]));
+    assert!(md.contains("| base | eval_base | - | 30.99M |"), "{md}");
+}

@@ -1,4 +1,5 @@
-//! Every bundled manifest validates and plans; the CI manifests run end to end, twice.
+//! Every bundled manifest (`manifests/`, `studies/`) validates and plans; the CI manifests run
+//! end to end, twice.
 
 use std::path::{Path, PathBuf};
 
@@ -17,6 +18,7 @@ fn bundled() -> Vec<PathBuf> {
     }
     let mut out = Vec::new();
     walk(&repo().join("manifests"), &mut out);
+    walk(&repo().join("studies"), &mut out);
     out.sort();
     assert!(!out.is_empty());
     out

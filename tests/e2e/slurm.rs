@@ -492,12 +492,13 @@ fn slurm_training_checkpoints_on_the_time_limit_signal_requeues_and_finishes() {
     if !slurm() {
         return;
     }
-    // A minute or more of training on one thread: more than one 1-minute job, whose
-    // `SIGUSR2` (40 s before the limit) checkpoints and requeues it. Resume state is saved only
-    // when interrupted (`checkpoint_every` beyond the steps).
+    // More than a minute of training on one thread even on a quiet machine (about 90 steps/s
+    // here then; up to four times slower under load): more than one 1-minute job, whose
+    // `SIGUSR2` (40 s before the limit, Slurm checks every 30 s) checkpoints and requeues it.
+    // Resume state is saved only when interrupted (`checkpoint_every` beyond the steps).
     let manifest = format!(
-        "{LONG_TRAIN}  t: {{ kind: train, steps: 1500, batch_size: 4, lr: 1.0e-3, ema: 0.9, \
-         log_every: 500, checkpoint_every: 100000, resources: {{ time: '1' }} }}\n"
+        "{LONG_TRAIN}  t: {{ kind: train, steps: 7000, batch_size: 4, lr: 1.0e-3, ema: 0.9, \
+         log_every: 1000, checkpoint_every: 100000, resources: {{ time: '1' }} }}\n"
     );
     let c = Cluster::new();
     c.p.write("m.yaml", &manifest);
@@ -521,12 +522,12 @@ fn slurm_training_checkpoints_on_the_time_limit_signal_requeues_and_finishes() {
     assert!(log.contains("SIGUSR2: saving state to be requeued"), "{log}");
     assert!(log.contains("checkpointed: requeueing"), "{log}");
     assert!(log.contains("resuming from the work area"), "{log}");
-    // The same weights as an uninterrupted run.
-    let local = Project::new();
-    local.write("m.yaml", &manifest);
-    let (out, expected) = local.json(&["run", "--json", "--backend", "local", "m.yaml"]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    assert_eq!(model_digests(&v, "t"), model_digests(&expected, "t"));
+    // It finished every step (bit-identity after a requeue is the previous test's).
+    let metrics =
+        std::fs::read_to_string(stage(&v, "t")["outputs"]["metrics.jsonl"].as_str().unwrap())
+            .unwrap();
+    let last: serde_json::Value = serde_json::from_str(metrics.lines().last().unwrap()).unwrap();
+    assert_eq!(last["step"], 7000);
 }
 
 #[test]

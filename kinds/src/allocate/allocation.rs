@@ -33,6 +33,16 @@ pub struct Group {
     pub timesteps: Vec<usize>,
 }
 
+/// The noise schedule whose SNR eq. 7 took, when it is not the diffusion's own
+/// (`snr_schedule`, `snr_steps`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnrSource {
+    /// Its noise schedule.
+    pub schedule: NoiseSchedule,
+    /// Its number of timesteps S; diffusion timestep t read its timestep `round(t (S-1)/(T-1))`.
+    pub steps: usize,
+}
+
 /// What `snr-allocate` computes: the FLOPs limit of every timestep and the N groups that share a
 /// model. Serialised with this field order; per-timestep vectors are indexed by t.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -47,14 +57,18 @@ pub struct Allocation {
     pub k: f64,
     /// How clipped timesteps were treated (only the `snr` and `constant` schedules look at it).
     pub clipped: ClippedSteps,
-    /// The timesteps whose beta the noise schedule clipped.
+    /// The timesteps whose SNR comes from a clipped beta (the cosine schedule's last).
     pub clipped_timesteps: Vec<usize>,
+    /// The schedule eq. 7's SNR was taken from when it is not `noise_schedule` with `steps`
+    /// timesteps (the `snr_schedule`/`snr_steps` parameters); absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snr_source: Option<SnrSource>,
     /// The mean over timesteps of their group's FLOPs bound, as a fraction of F: the average
     /// FLOPs of a progressive model pruned exactly to its bounds (compare schedules by it).
     pub mean_flops_bound: f64,
     /// The groups, by index.
     pub groups: Vec<Group>,
-    /// SNR of every timestep in dB (eq. 7).
+    /// SNR of every timestep in dB (eq. 7), from the `snr_source` schedule when there is one.
     pub snr_db: Vec<f64>,
     /// The normalised level in [0, 1] that places each timestep in a group (group i holds the
     /// levels in (i/N, (i+1)/N], group 0 also level 0): eq. 8's `Ratio` for `snr`, t/(T-1) for

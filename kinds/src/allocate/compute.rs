@@ -1,7 +1,7 @@
 //! Eq. 7-10: SNR per timestep, the FLOPs ratio each schedule gives it, and the groups.
 
 use super::AllocateError;
-use super::allocation::{Allocation, Group};
+use super::allocation::{Allocation, Group, SnrSource};
 use super::params::{AllocateParams, ClippedSteps, FlopsSchedule};
 use crate::schedule::{NoiseSchedule, ScheduleTable};
 
@@ -23,25 +23,36 @@ pub fn allocate(
     if steps == 0 {
         return Err(AllocateError::NoSteps);
     }
-    let errors = params.validate(steps);
+    let errors = params.validate(steps, schedule);
     if !errors.is_empty() {
         return Err(AllocateError::InvalidParams(errors));
     }
-    let table = ScheduleTable::new(schedule, steps);
-    let snr_db = table.snr_db();
-    if let Some(t) = snr_db.iter().position(|s| !s.is_finite()) {
+    // Eq. 7's SNR: the diffusion's own schedule, or the one `snr_schedule`/`snr_steps` name,
+    // read at each diffusion timestep's relative position.
+    let (snr_schedule, snr_steps) = params.snr_source(schedule, steps);
+    let table = ScheduleTable::new(snr_schedule, snr_steps);
+    let source_snr = table.snr_db();
+    if let Some(s) = source_snr.iter().position(|s| !s.is_finite()) {
         return Err(AllocateError::NonFiniteSnr {
-            schedule,
-            steps,
-            t,
-            alpha_bar: table.alphas_cumprod[t],
+            schedule: snr_schedule,
+            steps: snr_steps,
+            t: s,
+            alpha_bar: table.alphas_cumprod[s],
         });
     }
+    let source: Vec<usize> = (0..steps).map(|t| source_step(t, steps, snr_steps)).collect();
+    let snr_db: Vec<f64> = source.iter().map(|&s| source_snr[s]).collect();
+    let clipped: Vec<bool> = source.iter().map(|&s| table.clipped[s]).collect();
+    // Eq. 8's normalisation over the SNR schedule's own timesteps, read the same way.
+    let snr_level = || -> Vec<f64> {
+        let level = snr_levels(&source_snr, &table.clipped, params.clipped);
+        source.iter().map(|&s| level[s]).collect()
+    };
     let (n, k) = (params.groups, params.k);
 
     let (level, flops_ratio) = match params.schedule {
         FlopsSchedule::Snr => {
-            let level = snr_levels(&snr_db, &table.clipped, params.clipped);
+            let level = snr_level();
             let ratio = level.iter().map(|l| k + (1.0 - k) * l).collect();
             (level, ratio)
         }
@@ -57,8 +68,7 @@ pub fn allocate(
         }
         FlopsSchedule::Constant => {
             // The mean group bound of the `snr` schedule, so both have the same average FLOPs.
-            let snr_level = snr_levels(&snr_db, &table.clipped, params.clipped);
-            let sizes = partition(&snr_level, n).iter().map(Vec::len).collect::<Vec<_>>();
+            let sizes = partition(&snr_level(), n).iter().map(Vec::len).collect::<Vec<_>>();
             let c =
                 mean_bound(sizes.iter().enumerate().map(|(i, &len)| (group_bound(i, n, k), len)));
             let level = (0..steps).map(|t| position(t, steps)).collect();
@@ -107,7 +117,9 @@ pub fn allocate(
         flops_schedule: params.schedule,
         k,
         clipped: params.clipped,
-        clipped_timesteps: (0..steps).filter(|&t| table.clipped[t]).collect(),
+        clipped_timesteps: (0..steps).filter(|&t| clipped[t]).collect(),
+        snr_source: ((snr_schedule, snr_steps) != (schedule, steps))
+            .then_some(SnrSource { schedule: snr_schedule, steps: snr_steps }),
         mean_flops_bound,
         groups,
         snr_db,
@@ -145,6 +157,21 @@ fn mean_bound(groups: impl Iterator<Item = (f64, usize)>) -> f64 {
     let (sum, count) =
         groups.fold((0.0, 0usize), |(sum, count), (b, len)| (sum + b * len as f64, count + len));
     sum / count as f64
+}
+
+/// The timestep of an `snr_steps`-step schedule at the relative position of diffusion timestep
+/// `t` of `steps`: `round(t (S-1) / (T-1))`, so the first and last timesteps meet; `t` itself
+/// when S = T.
+fn source_step(t: usize, steps: usize, snr_steps: usize) -> usize {
+    if steps == snr_steps {
+        return t;
+    }
+    if steps == 1 {
+        return 0;
+    }
+    // Integer round-half-up of t (S-1) / (T-1).
+    let (num, den) = (t as u128 * (snr_steps as u128 - 1), steps as u128 - 1);
+    ((2 * num + den) / (2 * den)) as usize
 }
 
 /// t / (T-1): 0 at the first timestep, 1 at the last (0 when T = 1).
@@ -185,7 +212,15 @@ mod tests {
         schedule: FlopsSchedule,
         clipped: ClippedSteps,
     ) -> AllocateParams {
-        AllocateParams { groups, k, schedule, clipped }
+        AllocateParams { groups, k, schedule, clipped, ..AllocateParams::default() }
+    }
+
+    fn snr_from(
+        schedule: NoiseSchedule,
+        steps: Option<usize>,
+        p: AllocateParams,
+    ) -> AllocateParams {
+        AllocateParams { snr_schedule: Some(schedule), snr_steps: steps, ..p }
     }
 
     fn snr_params(groups: usize, k: f64) -> AllocateParams {
@@ -519,6 +554,84 @@ mod tests {
         // Cosine T=1 clips its only beta: excluded, so ratio 1.
         let a = allocate(NoiseSchedule::Cosine, 1, &snr_params(1, 0.5)).unwrap();
         assert_eq!((a.clipped_timesteps.clone(), a.flops_ratio.clone()), (vec![0], vec![1.0]));
+    }
+
+    /// Issue 14: a linear-schedule SNR on a cosine diffusion gives the linear curve's groups.
+    #[test]
+    fn linear_snr_on_a_cosine_diffusion_gives_the_linear_groups() {
+        // Same T: exactly the allocation of a linear diffusion, only `noise_schedule` (the
+        // diffusion's) and `snr_source` differ.
+        for (steps, n) in [(25, 3), (1000, 10), (4000, 10)] {
+            let p = snr_from(NoiseSchedule::Linear, None, snr_params(n, 0.5));
+            let on_cosine = allocate(NoiseSchedule::Cosine, steps, &p).unwrap();
+            let linear = allocate(NoiseSchedule::Linear, steps, &snr_params(n, 0.5)).unwrap();
+            assert_eq!(on_cosine.noise_schedule, NoiseSchedule::Cosine);
+            assert_eq!(
+                on_cosine.snr_source,
+                Some(SnrSource { schedule: NoiseSchedule::Linear, steps })
+            );
+            assert_eq!(linear.snr_source, None);
+            assert_eq!(timesteps(&on_cosine), timesteps(&linear), "T={steps}");
+            assert_eq!(on_cosine.snr_db, linear.snr_db);
+            assert_eq!(on_cosine.flops_ratio, linear.flops_ratio);
+            assert_eq!(on_cosine.mean_flops_bound, linear.mean_flops_bound);
+            // The linear schedule clips nothing: the cosine endpoint is not excluded any more.
+            assert!(on_cosine.clipped_timesteps.is_empty());
+            assert_partition(&on_cosine);
+        }
+        // The hand-computed linear T=25 groups ({0..=8}, {9..=18}, {19..=24}, see
+        // `linear_t25_n3_matches_hand_computation`) stretched over a cosine T=40 diffusion:
+        // t reads s = round(24 t / 39), so s <= 8 is t <= 13 (24 * 13 / 39 = 8) and s <= 18 is
+        // t <= 30 (24 * 30 / 39 = 18.46; t = 31 gives 19.08).
+        let p = snr_from(NoiseSchedule::Linear, Some(25), snr_params(3, 0.5));
+        let a = allocate(NoiseSchedule::Cosine, 40, &p).unwrap();
+        assert_eq!(
+            timesteps(&a),
+            vec![(0..=13).collect::<Vec<_>>(), (14..=30).collect(), (31..=39).collect()]
+        );
+        let linear = allocate(NoiseSchedule::Linear, 25, &snr_params(3, 0.5)).unwrap();
+        for t in 0..40 {
+            let s = source_step(t, 40, 25);
+            assert_eq!(a.snr_db[t], linear.snr_db[s], "t={t}");
+            assert_eq!(a.flops_ratio[t], linear.flops_ratio[s], "t={t}");
+        }
+        assert_eq!((source_step(0, 40, 25), source_step(39, 40, 25)), (0, 24));
+        assert_eq!(a.snr_source, Some(SnrSource { schedule: NoiseSchedule::Linear, steps: 25 }));
+        assert_partition(&a);
+    }
+
+    #[test]
+    fn snr_readings_of_the_papers_setting() {
+        // T = 4000 cosine, k = 0.5, N = 10: the mean group bound of each reading (the cosine one
+        // is pinned above), and the Table 1 FLOPs it implies for a model pruned to its bounds.
+        let base = snr_params(10, 0.5);
+        let mean =
+            |p: &AllocateParams| allocate(NoiseSchedule::Cosine, 4000, p).unwrap().mean_flops_bound;
+        let cosine = mean(&base);
+        let linear_4000 = mean(&snr_from(NoiseSchedule::Linear, None, base.clone()));
+        let linear_1000 = mean(&snr_from(NoiseSchedule::Linear, Some(1000), base.clone()));
+        assert!(close(cosine, 0.7381375, 1e-9), "{cosine}");
+        assert!(close(linear_4000, 0.8459, 5e-5), "{linear_4000}");
+        assert!(close(linear_1000, 0.8328, 5e-5), "{linear_1000}");
+        // A cosine SNR with fewer steps clips the timesteps that read its last one.
+        let p = snr_from(NoiseSchedule::Cosine, Some(1000), base);
+        let a = allocate(NoiseSchedule::Cosine, 4000, &p).unwrap();
+        assert_eq!(a.clipped_timesteps, vec![3997, 3998, 3999]);
+        assert_eq!(a.flops_ratio[3997..], [1.0, 1.0, 1.0]);
+        assert_partition(&a);
+    }
+
+    #[test]
+    fn source_step_rounds_to_the_same_relative_position() {
+        assert_eq!((0..5).map(|t| source_step(t, 5, 5)).collect::<Vec<_>>(), [0, 1, 2, 3, 4]);
+        // 4000 -> 1000: 999 t / 3999; t = 2 gives 0.4996 -> 0, t = 3 gives 0.749 -> 1.
+        let s: Vec<usize> = (0..6).map(|t| source_step(t, 4000, 1000)).collect();
+        assert_eq!(s, [0, 0, 0, 1, 1, 1]);
+        assert_eq!(source_step(3999, 4000, 1000), 999);
+        // 1000 -> 4000: every fourth-ish step; ends meet.
+        assert_eq!(source_step(1, 1000, 4000), 4);
+        assert_eq!(source_step(999, 1000, 4000), 3999);
+        assert_eq!(source_step(0, 1, 7), 0);
     }
 
     #[test]

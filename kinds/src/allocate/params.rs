@@ -4,6 +4,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::context::FieldError;
+use crate::schedule::NoiseSchedule;
 
 /// How the FLOPs upper limit varies over timesteps: the paper's SNR schedule (eq. 8) or one of
 /// the Table 3 ablations.
@@ -63,8 +64,12 @@ impl ClippedSteps {
     }
 }
 
-/// The most timestep groups an allocation may have (the paper uses up to 20).
-pub const MAX_GROUPS: usize = 1000;
+/// The most timestep groups an allocation may have (the paper uses up to 20; one group per
+/// timestep of IDDPM's 4000 is the extreme).
+pub const MAX_GROUPS: usize = 4000;
+
+/// The linear schedule's betas reach 1 at 20 steps (its last beta is 20/T): it needs more.
+const LINEAR_MIN_STEPS: usize = 20;
 
 /// Parameters of an `snr-allocate` stage (paper eq. 7-10 and the Table 3 schedules).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -84,6 +89,17 @@ pub struct AllocateParams {
     /// last one): `exclude` them from the normalisation and give them ratio 1, or `include` them
     /// as eq. 8 literally does.
     pub clipped: ClippedSteps,
+    /// The noise schedule whose SNR eq. 7 takes (`linear` or `cosine`); the diffusion's own
+    /// when unset. The paper trains with IDDPM's cosine schedule but draws its SNR (Fig. 3) and
+    /// FLOPs curves (Fig. 4) from the linear one; `linear` with `snr_steps: 1000` is that
+    /// reading. Only the SNR curve changes: the timesteps grouped are still the diffusion's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snr_schedule: Option<NoiseSchedule>,
+    /// Timesteps of the SNR schedule; the diffusion's `steps` when unset. When it differs from
+    /// the diffusion's T, diffusion timestep t takes the SNR of the schedule's timestep at the
+    /// same relative position, `round(t (S-1) / (T-1))`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snr_steps: Option<usize>,
 }
 
 impl Default for AllocateParams {
@@ -93,13 +109,16 @@ impl Default for AllocateParams {
             k: 0.5,
             schedule: FlopsSchedule::Snr,
             clipped: ClippedSteps::Exclude,
+            snr_schedule: None,
+            snr_steps: None,
         }
     }
 }
 
 impl AllocateParams {
-    /// Range checks that serde cannot express; `steps` is the diffusion's T.
-    pub fn validate(&self, steps: usize) -> Vec<FieldError> {
+    /// Range checks that serde cannot express; `steps` is the diffusion's T and `schedule` its
+    /// noise schedule (the defaults of `snr_steps` and `snr_schedule`).
+    pub fn validate(&self, steps: usize, schedule: NoiseSchedule) -> Vec<FieldError> {
         let mut errs = Vec::new();
         if self.groups == 0 {
             errs.push(FieldError::at("groups", "must be at least 1, got 0"));
@@ -115,8 +134,52 @@ impl AllocateParams {
         if !(self.k > 0.0 && self.k <= 1.0) {
             errs.push(FieldError::at("k", format!("must be in (0, 1], got {}", self.k)));
         }
-        crate::context::at_most(&mut errs, "groups", self.groups, MAX_GROUPS);
+        if self.groups <= steps {
+            crate::context::at_most(&mut errs, "groups", self.groups, MAX_GROUPS);
+        }
+        let snr_steps = self.snr_steps.unwrap_or(0);
+        crate::context::at_most(&mut errs, "snr_steps", snr_steps, crate::config::MAX_STEPS);
+        if self.snr_steps == Some(0) {
+            errs.push(FieldError::at("snr_steps", "must be at least 1, got 0"));
+        } else if self.snr_schedule.is_some() || self.snr_steps.is_some() {
+            let (snr_schedule, snr_steps) = self.snr_source(schedule, steps);
+            if snr_schedule == NoiseSchedule::Linear && snr_steps <= LINEAR_MIN_STEPS {
+                errs.push(match self.snr_steps {
+                    Some(s) => FieldError::at(
+                        "snr_steps",
+                        format!(
+                            "must be more than {LINEAR_MIN_STEPS} for the linear schedule (its \
+                             last beta is 20/T), got {s}"
+                        ),
+                    ),
+                    None => FieldError::at(
+                        "snr_schedule",
+                        format!(
+                            "`linear` needs more than {LINEAR_MIN_STEPS} steps (its last beta is \
+                             20/T), and the diffusion has {snr_steps}\nhint: give it its own \
+                             `snr_steps`"
+                        ),
+                    ),
+                });
+            }
+        }
         errs
+    }
+
+    /// The schedule and step count whose SNR eq. 7 takes for a diffusion of `steps` timesteps
+    /// with noise schedule `schedule`.
+    pub fn snr_source(&self, schedule: NoiseSchedule, steps: usize) -> (NoiseSchedule, usize) {
+        (self.snr_schedule.unwrap_or(schedule), self.snr_steps.unwrap_or(steps))
+    }
+
+    /// These parameters with `snr_schedule` and `snr_steps` unset where they equal the
+    /// diffusion's own (`schedule`, `steps`): writing the default out does not change the key.
+    pub fn normalised(&self, schedule: NoiseSchedule, steps: usize) -> AllocateParams {
+        AllocateParams {
+            snr_schedule: self.snr_schedule.filter(|&s| s != schedule),
+            snr_steps: self.snr_steps.filter(|&s| s != steps),
+            ..self.clone()
+        }
     }
 }
 
@@ -160,11 +223,15 @@ mod tests {
     #[test]
     fn validate_messages() {
         let ok = AllocateParams::default();
-        assert!(ok.validate(4000).is_empty());
-        assert!(AllocateParams { k: 1.0, groups: 4000, ..ok.clone() }.validate(4000).is_empty());
+        assert!(ok.validate(4000, NoiseSchedule::Cosine).is_empty());
+        assert!(
+            AllocateParams { k: 1.0, groups: 4000, ..ok.clone() }
+                .validate(4000, NoiseSchedule::Cosine)
+                .is_empty()
+        );
         let bad = AllocateParams { k: 1.5, groups: 0, ..ok.clone() };
         assert_eq!(
-            bad.validate(4000),
+            bad.validate(4000, NoiseSchedule::Cosine),
             vec![
                 FieldError::at("groups", "must be at least 1, got 0"),
                 FieldError::at("k", "must be in (0, 1], got 1.5"),
@@ -172,7 +239,7 @@ mod tests {
         );
         let bad = AllocateParams { k: 0.0, groups: 11, ..ok.clone() };
         assert_eq!(
-            bad.validate(10),
+            bad.validate(10, NoiseSchedule::Cosine),
             vec![
                 FieldError::at(
                     "groups",
@@ -182,14 +249,65 @@ mod tests {
             ]
         );
         let nan = AllocateParams { k: f64::NAN, ..ok };
-        assert_eq!(nan.validate(10), vec![FieldError::at("k", "must be in (0, 1], got NaN")]);
+        assert_eq!(
+            nan.validate(10, NoiseSchedule::Cosine),
+            vec![FieldError::at("k", "must be in (0, 1], got NaN")]
+        );
+    }
+
+    #[test]
+    fn snr_source_defaults_to_the_diffusion_and_validates_its_steps() {
+        let cos = NoiseSchedule::Cosine;
+        let p: AllocateParams =
+            serde_json::from_str(r#"{"snr_schedule": "linear", "snr_steps": 1000}"#).unwrap();
+        assert_eq!(p.snr_source(cos, 4000), (NoiseSchedule::Linear, 1000));
+        assert_eq!(AllocateParams::default().snr_source(cos, 4000), (cos, 4000));
+        // Unset, they are absent from the JSON (the key of a manifest without them is unchanged).
+        let json = serde_json::to_value(AllocateParams::default()).unwrap();
+        assert_eq!(json.as_object().unwrap().len(), 4, "{json}");
+        // Written out, the diffusion's own values are the same as unset.
+        let own = AllocateParams {
+            snr_schedule: Some(cos),
+            snr_steps: Some(4000),
+            ..AllocateParams::default()
+        };
+        assert_eq!(own.normalised(cos, 4000), AllocateParams::default());
+        assert_eq!(p.normalised(cos, 4000), p);
+        assert_eq!(p.normalised(NoiseSchedule::Linear, 4000).snr_schedule, None);
+
+        assert!(p.validate(4000, cos).is_empty());
+        let zero = AllocateParams { snr_steps: Some(0), ..p.clone() };
+        assert_eq!(
+            zero.validate(4000, cos),
+            vec![FieldError::at("snr_steps", "must be at least 1, got 0")]
+        );
+        let short = AllocateParams { snr_steps: Some(20), groups: 2, ..p.clone() };
+        assert_eq!(
+            short.validate(4000, cos),
+            vec![FieldError::at(
+                "snr_steps",
+                "must be more than 20 for the linear schedule (its last beta is 20/T), got 20"
+            )]
+        );
+        // The cosine schedule has a finite SNR at any T.
+        let cosine = AllocateParams { snr_schedule: Some(cos), ..short.clone() };
+        assert!(cosine.validate(4000, NoiseSchedule::Linear).is_empty());
+        let inherited = AllocateParams { snr_steps: None, groups: 2, ..p };
+        assert_eq!(
+            inherited.validate(20, cos),
+            vec![FieldError::at(
+                "snr_schedule",
+                "`linear` needs more than 20 steps (its last beta is 20/T), and the diffusion \
+                 has 20\nhint: give it its own `snr_steps`"
+            )]
+        );
     }
 
     #[test]
     fn schema_documents_every_field() {
         let schema = serde_json::to_value(schemars::schema_for!(AllocateParams)).unwrap();
         let props = schema["properties"].as_object().unwrap();
-        for field in ["groups", "k", "schedule", "clipped"] {
+        for field in ["groups", "k", "schedule", "clipped", "snr_schedule", "snr_steps"] {
             let desc = props[field]["description"].as_str().unwrap_or_default();
             assert!(!desc.is_empty(), "`{field}` has no description in {schema:#}");
         }

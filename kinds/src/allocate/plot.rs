@@ -27,8 +27,12 @@ fn draw(alloc: &Allocation, path: &Path, font: Option<&str>) -> anyhow::Result<(
     root.fill(&WHITE)?;
     let root = match font {
         Some(f) => {
+            let snr = match alloc.snr_source {
+                Some(s) => format!(" (SNR of {} T={})", s.schedule.name(), s.steps),
+                None => String::new(),
+            };
             let title = format!(
-                "{} T={}, {} schedule, k={}, N={}, clipped steps: {}; mean FLOPs bound {:.3} F",
+                "{} T={}{snr}, {} schedule, k={}, N={}, clipped steps: {}; mean FLOPs bound {:.3} F",
                 alloc.noise_schedule.name(),
                 alloc.steps,
                 alloc.flops_schedule.name(),

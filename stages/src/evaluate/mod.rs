@@ -13,6 +13,11 @@
 //! Outputs: `metrics.json` ([`EvaluateMetrics`]), `samples.png` (a grid of the first images)
 //! and, with an extractor, `samples.npz` (the samples' statistics in pytorch-fid's format, for
 //! `progdiff fid`).
+//!
+//! `samples: 0` is a cost-only evaluation: the models are loaded for their architectures and
+//! only `metrics.json` is written, with the averaged params and MACs (no FID, zero seconds).
+//! It computes the paper's FLOPs and params columns without sampling, so it refuses an
+//! `fid-extractor` upstream rather than silently reporting no FID.
 
 pub use progdiff_kinds::evaluate::*;
 
@@ -42,6 +47,65 @@ pub fn run(ctx: &StageContext, inputs: &EvaluateInputs) -> anyhow::Result<()> {
     let diffusion = GaussianDiffusion::for_sampling(&inputs.diffusion, learn_sigma)?;
     let cost = models.average_cost(&diffusion)?;
     let fid_inputs = ctx.inputs.iter().find(|u| u.files.contains_key(SPEC_FILE));
+    let sampled = match (params.samples, fid_inputs) {
+        (0, Some(u)) => anyhow::bail!(
+            "stage `{}` has `samples: 0` (cost only) but needs the FID extractor `{}`\nhint: \
+             remove `{}` from its `needs`, or sample at least 2 images for an FID",
+            ctx.id,
+            u.id,
+            u.id
+        ),
+        (0, None) => Sampled::default(),
+        (_, fid_inputs) => sample_and_score(ctx, inputs, &models, &diffusion, fid_inputs, device)?,
+    };
+    let metrics = EvaluateMetrics {
+        label: ctx.id.clone(),
+        sampler: sampler.to_string(),
+        models: models.len(),
+        samples: params.samples,
+        sample_steps: diffusion.num_timesteps(),
+        fid: sampled.fid,
+        extractor: sampled.extractor.map(str::to_string),
+        params: cost.params,
+        macs: cost.macs,
+        steps_per_model: cost.steps_per_model,
+        sampling_seconds: sampled.sampling_seconds,
+        fid_seconds: sampled.fid_seconds,
+        weights: params.weights,
+    };
+    tracing::info!(
+        fid = ?metrics.fid,
+        params = metrics.params,
+        macs = metrics.macs,
+        seconds = metrics.sampling_seconds,
+        "evaluated `{}`",
+        metrics.label
+    );
+    std::fs::write(ctx.out_dir.join(METRICS_FILE), serde_json::to_vec_pretty(&metrics)?)?;
+    Ok(())
+}
+
+/// What sampling measured: nothing for a cost-only evaluation (`samples: 0`).
+#[derive(Default)]
+struct Sampled {
+    fid: Option<f64>,
+    /// The FID extractor's kind.
+    extractor: Option<&'static str>,
+    sampling_seconds: f64,
+    fid_seconds: f64,
+}
+
+/// Samples `inputs.stage.samples` images, writes the grid and, with an `fid-extractor` upstream,
+/// the samples' statistics, and measures the FID.
+fn sample_and_score(
+    ctx: &StageContext,
+    inputs: &EvaluateInputs,
+    models: &ModelSet,
+    diffusion: &GaussianDiffusion,
+    fid_inputs: Option<&UpstreamOutputs>,
+    device: tch::Device,
+) -> anyhow::Result<Sampled> {
+    let params = &inputs.stage;
     let extractor = fid_inputs.map(|u| load_extractor(u, device)).transpose()?;
     anyhow::ensure!(
         extractor.is_none() || params.samples >= 2,
@@ -63,7 +127,7 @@ pub fn run(ctx: &StageContext, inputs: &EvaluateInputs) -> anyhow::Result<()> {
     let mut features: Vec<Tensor> = Vec::new();
     let mut fid_seconds = 0.0;
     let started = Instant::now();
-    sample_batches(&models, &diffusion, &cfg, &mut |_, images| {
+    sample_batches(models, diffusion, &cfg, &mut |_, images| {
         if kept < params.grid {
             let take = (params.grid - kept).min(images.size()[0] as usize);
             grid.push(images.narrow(0, 0, take as i64));
@@ -92,31 +156,12 @@ pub fn run(ctx: &StageContext, inputs: &EvaluateInputs) -> anyhow::Result<()> {
             Some(fid)
         }
     };
-    let metrics = EvaluateMetrics {
-        label: ctx.id.clone(),
-        sampler: sampler.to_string(),
-        models: models.len(),
-        samples: params.samples,
-        sample_steps: diffusion.num_timesteps(),
+    Ok(Sampled {
         fid,
-        extractor: extractor.as_ref().map(|(_, _, kind)| kind.to_string()),
-        params: cost.params,
-        macs: cost.macs,
-        steps_per_model: cost.steps_per_model,
+        extractor: extractor.map(|(_, _, kind)| kind),
         sampling_seconds,
         fid_seconds,
-        weights: params.weights,
-    };
-    tracing::info!(
-        fid = ?metrics.fid,
-        params = metrics.params,
-        macs = metrics.macs,
-        seconds = metrics.sampling_seconds,
-        "evaluated `{}`",
-        metrics.label
-    );
-    std::fs::write(ctx.out_dir.join(METRICS_FILE), serde_json::to_vec_pretty(&metrics)?)?;
-    Ok(())
+    })
 }
 
 /// The model set of the upstream model stages: one model, or one per group with the
