@@ -29,6 +29,12 @@ impl Cache {
         Ok(file.into_parts())
     }
 
+    /// A fresh temp file in `tmp/` for a download (deleted when the guard drops unless moved into
+    /// the store with [`put_file_move`](Cache::put_file_move)).
+    pub fn download_file(&self) -> Result<(File, TempPath)> {
+        self.temp_file("download")
+    }
+
     /// Writes `bytes` to `dest` atomically (readers see the old file or the new one, never a
     /// mix), creating `dest`'s parent directory if needed.
     pub(crate) fn write_atomic(&self, dest: &Path, bytes: &[u8], mode: u32) -> Result<()> {

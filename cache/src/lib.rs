@@ -117,7 +117,7 @@ pub use gc::{GcOptions, GcReport};
 pub use lease::{Lease, LeaseOwner, OwnerCheck};
 pub use lock::KeyLock;
 pub use object::ObjectRef;
-pub use record::{RecordMeta, StageRecord, host_name};
+pub use record::{RecordMeta, StageRecord, decode_record, encode_record, host_name};
 pub use side_store::{OWNERS_DIR, SIDE_STORES};
 pub use time::rfc3339_utc;
 pub use verify::{

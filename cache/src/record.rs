@@ -195,14 +195,8 @@ impl Cache {
             }
         }
         let path = self.record_path(&record.key);
-        let serialize = |source| CacheError::Serialize { path: path.clone(), source };
-        let mut value = serde_json::to_value(record).map_err(serialize)?;
-        let checksum = checksum_of(&value);
-        if let Some(fields) = value.as_object_mut() {
-            fields.insert(CHECKSUM.into(), checksum.to_hex().into());
-        }
-        let mut json = serde_json::to_vec_pretty(&value).map_err(serialize)?;
-        json.push(b'\n');
+        let json = encode_record(record)
+            .map_err(|source| CacheError::Serialize { path: path.clone(), source })?;
         self.write_atomic(&path, &json, FILE_MODE)?;
         debug!(key = %record.key, id = %record.id, path = %path.display(), "published record");
         Ok(())
@@ -264,6 +258,33 @@ fn checksum_of(value: &serde_json::Value) -> Digest {
     hash_bytes(&bytes)
 }
 
+/// A record as its file holds it: pretty JSON with its checksum (what [`Cache::publish`] writes,
+/// and what a remote cache stores).
+pub fn encode_record(record: &StageRecord) -> std::result::Result<Vec<u8>, serde_json::Error> {
+    let mut value = serde_json::to_value(record)?;
+    let checksum = checksum_of(&value);
+    if let Some(fields) = value.as_object_mut() {
+        fields.insert(CHECKSUM.into(), checksum.to_hex().into());
+    }
+    let mut json = serde_json::to_vec_pretty(&value)?;
+    json.push(b'\n');
+    Ok(json)
+}
+
+/// Parses a record file's bytes ([`encode_record`]), checking its checksum and that it holds
+/// `expect_key` if given; the error says what is wrong.
+pub fn decode_record(
+    bytes: &[u8],
+    expect_key: Option<&Digest>,
+) -> std::result::Result<StageRecord, String> {
+    match parse_record(bytes, expect_key) {
+        Ok(r) => Ok(r),
+        Err(RecordError::Invalid(m)) => Err(m),
+        Err(RecordError::Missing) => Err("missing".into()),
+        Err(RecordError::Io(e)) => Err(e.to_string()),
+    }
+}
+
 /// Reads and parses a record file, checking that it holds `expect_key` if given.
 pub(crate) fn load_record(
     path: &Path,
@@ -274,8 +295,12 @@ pub(crate) fn load_record(
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(RecordError::Missing),
         Err(e) => return Err(RecordError::Io(io_err("read", path)(e))),
     };
+    parse_record(&bytes, expect_key)
+}
+
+fn parse_record(bytes: &[u8], expect_key: Option<&Digest>) -> Result<StageRecord, RecordError> {
     let mut value: serde_json::Value =
-        serde_json::from_slice(&bytes).map_err(|e| RecordError::Invalid(e.to_string()))?;
+        serde_json::from_slice(bytes).map_err(|e| RecordError::Invalid(e.to_string()))?;
     let stored = value.as_object_mut().and_then(|fields| fields.remove(CHECKSUM));
     let actual = checksum_of(&value);
     let record: StageRecord =

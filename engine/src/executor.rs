@@ -47,12 +47,24 @@ pub struct RunOptions {
     pub threads: usize,
     /// The worker binary.
     pub worker: PathBuf,
+    /// The remote cache (URL) workers look keys up in.
+    pub remote: Option<String>,
+    /// Whether workers upload what they compute to the remote cache.
+    pub upload: bool,
 }
 
 impl RunOptions {
     /// One job at a time on the CPU with one thread, no progress bars, with `worker`.
     pub fn new(worker: PathBuf) -> RunOptions {
-        RunOptions { jobs: 1, devices: vec!["cpu".into()], progress: false, threads: 1, worker }
+        RunOptions {
+            jobs: 1,
+            devices: vec!["cpu".into()],
+            progress: false,
+            threads: 1,
+            worker,
+            remote: None,
+            upload: false,
+        }
     }
 }
 
@@ -100,6 +112,9 @@ pub struct StageOutcome {
     /// The sweep variants the instance belongs to (empty without a sweep).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub variants: Vec<String>,
+    /// A hit found in the remote cache (and downloaded).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub remote: bool,
 }
 
 /// The result of `run`.
@@ -263,7 +278,9 @@ pub fn run(
                 let Some(slot) = free.iter_mut().find(|(_, c)| *c > 0) else { break };
                 slot.1 -= 1;
                 let device = slot.0.clone();
-                let job = Job::for_stage(plan, i, cache, &device, opts.threads);
+                let mut job = Job::for_stage(plan, i, cache, &device, opts.threads);
+                job.remote = opts.remote.clone();
+                job.upload = opts.upload;
                 match spawn(&job, cache, opts, &device, i, tx.clone()) {
                     Ok((child, log)) => {
                         workers.add(child.id() as i32);
@@ -364,6 +381,9 @@ pub fn run(
                 let o = finish(stage, &mut r, status, cancel, cache);
                 let line = match o.status {
                     RunStatus::Ran => format!("{}: ran in {:.1}s", stage.id, o.seconds),
+                    RunStatus::Hit if o.remote => {
+                        format!("{}: found in the remote cache", stage.id)
+                    }
                     RunStatus::Hit => format!("{}: found in the cache", stage.id),
                     RunStatus::Failed => format!(
                         "{}: FAILED: {}",
@@ -448,6 +468,7 @@ pub(crate) fn outcome(
         error: None,
         log: None,
         variants: stage.variants.clone(),
+        remote: false,
     }
 }
 
@@ -540,9 +561,10 @@ fn finish(
     };
     match (&r.done, status.success()) {
         (Some(Event::Done { status: s, outputs, seconds, .. }), true)
-            if s == "ran" || s == "hit" =>
+            if s == "ran" || s == "hit" || s == "remote" =>
         {
             o.status = if s == "ran" { RunStatus::Ran } else { RunStatus::Hit };
+            o.remote = s == "remote";
             o.outputs = outputs.clone();
             if o.status == RunStatus::Ran {
                 o.seconds = *seconds;

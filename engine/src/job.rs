@@ -62,6 +62,12 @@ pub struct Job {
     /// until the new one replaces it.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub force: bool,
+    /// The remote cache to look the key up in before computing it (`--remote`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remote: Option<String>,
+    /// Upload the result to the remote cache once computed (not with `--no-upload`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub upload: bool,
 }
 
 /// An upstream instance of a job.
@@ -113,6 +119,8 @@ impl Job {
             threads,
             cache: std::path::absolute(cache.root()).unwrap_or_else(|_| cache.root().to_path_buf()),
             force: stage.forced,
+            remote: None,
+            upload: false,
         }
     }
 
@@ -163,6 +171,8 @@ impl Job {
 pub struct Done {
     /// Found in the cache (`true`) or computed.
     pub hit: bool,
+    /// Found in the remote cache (and downloaded).
+    pub remote: bool,
     /// Output name -> path of the cached object.
     pub outputs: BTreeMap<String, PathBuf>,
     /// Seconds the stage ran (0 for a hit).
@@ -261,7 +271,7 @@ pub fn execute(
         if job.force { Ok(None) } else { complete_record(cache, &key) }
     };
     if let Some(r) = cached(cache)? {
-        return Ok(Done { hit: true, outputs: outputs_of(cache, &r), seconds: 0.0 });
+        return Ok(Done { hit: true, remote: false, outputs: outputs_of(cache, &r), seconds: 0.0 });
     }
     let mut inputs = Vec::with_capacity(job.upstream.len());
     for up in &job.upstream {
@@ -310,13 +320,52 @@ pub fn execute(
         std::thread::sleep(Duration::from_millis(200));
         if let Some(r) = cached(cache)? {
             tracing::info!(stage = %job.id, "computed by another process meanwhile");
-            return Ok(Done { hit: true, outputs: outputs_of(cache, &r), seconds: 0.0 });
+            return Ok(Done {
+                hit: true,
+                remote: false,
+                outputs: outputs_of(cache, &r),
+                seconds: 0.0,
+            });
         }
     };
     if let Some(r) = cached(cache)? {
         tracing::info!(stage = %job.id, "computed by another process meanwhile");
         clear_work_dir(cache, &key, &job.id);
-        return Ok(Done { hit: true, outputs: outputs_of(cache, &r), seconds: 0.0 });
+        return Ok(Done { hit: true, remote: false, outputs: outputs_of(cache, &r), seconds: 0.0 });
+    }
+    // The remote cache, holding the key's lock: one process downloads, the others find the
+    // local record.
+    let remote = match &job.remote {
+        Some(url) => Some(crate::remote::Remote::open(url)?),
+        None => None,
+    };
+    if let Some(remote) = remote.as_ref().filter(|_| !job.force) {
+        let t = Instant::now();
+        let bytes = std::sync::atomic::AtomicU64::new(0);
+        let count = |n: u64| {
+            bytes.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+        };
+        match remote.fetch(cache, &key, &count)? {
+            crate::remote::Fetched::Hit(r) => {
+                let n = bytes.load(std::sync::atomic::Ordering::Relaxed);
+                tracing::info!(
+                    stage = %job.id,
+                    "downloaded from the remote cache ({n} bytes in {:.1}s)",
+                    t.elapsed().as_secs_f64()
+                );
+                clear_work_dir(cache, &key, &job.id);
+                return Ok(Done {
+                    hit: true,
+                    remote: true,
+                    outputs: outputs_of(cache, &r),
+                    seconds: 0.0,
+                });
+            }
+            crate::remote::Fetched::Miss => {}
+            crate::remote::Fetched::Unusable(why) => {
+                tracing::warn!(stage = %job.id, "not using the remote result: {why}; computing it");
+            }
+        }
     }
     let staging = cache.staging_dir()?;
     let ctx = StageContext {
@@ -372,7 +421,29 @@ pub fn execute(
     cache.publish(&record)?;
     // Published: from here on nothing may turn the stage's success into a failure.
     clear_work_dir(cache, &key, &job.id);
-    Ok(Done { hit: false, outputs: outputs_of(cache, &record), seconds: duration_s })
+    let mut outputs = outputs_of(cache, &record);
+    if let Some(remote) = remote.filter(|_| job.upload) {
+        match remote.push(cache, &record, &|_| {}) {
+            Ok(crate::remote::Pushed::Created { objects, bytes }) => tracing::info!(
+                stage = %job.id,
+                "uploaded to the remote cache ({objects} objects, {bytes} bytes)"
+            ),
+            Ok(crate::remote::Pushed::Existing { adopted }) => {
+                tracing::info!(
+                    stage = %job.id,
+                    "another machine published this key first{}",
+                    if adopted { "; using its result" } else { "" }
+                );
+                if let Ok(Some(r)) = complete_record(cache, &key) {
+                    outputs = outputs_of(cache, &r);
+                }
+            }
+            Err(e) => {
+                tracing::warn!(stage = %job.id, "uploading to the remote cache failed: {e:#}")
+            }
+        }
+    }
+    Ok(Done { hit: false, remote: false, outputs, seconds: duration_s })
 }
 
 #[cfg(test)]

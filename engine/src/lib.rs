@@ -14,6 +14,7 @@ pub mod kinds;
 pub mod manifest;
 pub mod plan;
 pub mod profile;
+pub mod remote;
 pub mod report;
 pub mod report_plots;
 pub mod resources;

@@ -11,6 +11,7 @@ use progdiff::executor::{self, RunOptions, RunStatus, RunSummary, Workers};
 use progdiff::manifest::{Experiment, ManifestError};
 use progdiff::plan::{self, Plan, PlanStatus};
 use progdiff::profile::{Backend, Profile};
+use progdiff::remote::Remote;
 use progdiff::resources::Resources;
 use progdiff::slurm::SlurmOptions;
 use progdiff_cache::Cache;
@@ -33,6 +34,11 @@ struct Cli {
         value_parser = clap::builder::BoolishValueParser::new()
     )]
     cache_read_only: bool,
+    /// A remote cache shared with other machines: s3://bucket/prefix, gs://…, az://… or
+    /// http(s)://… (WebDAV) [default: the profile's `remote`]; credentials from the standard
+    /// places (AWS_* variables, ...), never stored
+    #[arg(long, global = true, env = "PROGDIFF_REMOTE", value_name = "URL")]
+    remote: Option<String>,
     /// Only warnings and errors on stderr, no progress bars
     #[arg(short, long, global = true)]
     quiet: bool,
@@ -87,6 +93,9 @@ enum Command {
         /// old results stay until the new ones replace them
         #[arg(long, value_name = "TARGET")]
         force: Vec<String>,
+        /// Take hits from the remote cache but upload nothing (a read-only consumer, e.g. CI)
+        #[arg(long)]
+        no_upload: bool,
         /// Print the summary as JSON
         #[arg(long)]
         json: bool,
@@ -107,6 +116,32 @@ enum Command {
         /// ~/.config/progdiff/profile.yaml]
         #[arg(long, value_name = "FILE")]
         profile: Option<PathBuf>,
+    },
+    /// Upload a manifest's cached results to the remote cache (`--remote`)
+    Push {
+        /// Manifest file
+        manifest: PathBuf,
+        /// Only these instances and what they need (as for `run`)
+        targets: Vec<String>,
+        /// Only this sweep variant's instances
+        #[arg(long, value_name = "NAME")]
+        variant: Option<String>,
+        /// Transfers at once
+        #[arg(long, default_value_t = 4)]
+        parallel: usize,
+    },
+    /// Download a manifest's results from the remote cache (`--remote`) into the local cache
+    Pull {
+        /// Manifest file
+        manifest: PathBuf,
+        /// Only these instances and what they need (as for `run`)
+        targets: Vec<String>,
+        /// Only this sweep variant's instances
+        #[arg(long, value_name = "NAME")]
+        variant: Option<String>,
+        /// Transfers at once
+        #[arg(long, default_value_t = 4)]
+        parallel: usize,
     },
     /// Print the worker log of a stage instance (every attempt, oldest first)
     Log {
@@ -200,6 +235,9 @@ enum CacheCommand {
         /// Delete corrupt objects and the records that reference them
         #[arg(long)]
         delete_corrupt: bool,
+        /// Instead, re-hash what these manifests need in the remote cache (`--remote`)
+        #[arg(long, value_name = "MANIFEST", num_args = 1..)]
+        remote_of: Vec<PathBuf>,
     },
     /// Remove everything the given manifests do not reach
     Gc {
@@ -321,7 +359,12 @@ fn real_main(cli: Cli) -> anyhow::Result<u8> {
             let slurm = resolve_backend(*backend, &profile) == Backend::Slurm;
             let cache = open_cache(&cli)?;
             let p = select_variant(&exp, plan::plan_experiment(&exp, &cache)?, variant)?;
-            let p = select_targets(p, targets, *downstream)?;
+            let mut p = select_targets(p, targets, *downstream)?;
+            if let Some(remote) =
+                Remote::configured(cli.remote.as_deref(), profile.remote.as_deref())?
+            {
+                p.look_up_remote(&remote)?;
+            }
             let submissions = slurm.then(|| slurm_submissions(&exp, &p, &profile));
             if *json {
                 let mut v = serde_json::to_value(PlanJson::new(&p))?;
@@ -343,6 +386,7 @@ fn real_main(cli: Cli) -> anyhow::Result<u8> {
             manifest,
             targets,
             force,
+            no_upload,
             json,
             jobs,
             devices,
@@ -402,6 +446,8 @@ fn real_main(cli: Cli) -> anyhow::Result<u8> {
                 progress: !cli.quiet && std::io::IsTerminal::is_terminal(&std::io::stderr()),
                 threads,
                 worker,
+                remote: remote_url(&cli, &profile)?,
+                upload: !*no_upload,
             };
             let summary = match backend {
                 Backend::Local => executor::run(&p, &cache, &opts, &cancel, &workers),
@@ -429,6 +475,12 @@ fn real_main(cli: Cli) -> anyhow::Result<u8> {
             } else {
                 EXIT_FAILED
             })
+        }
+        Command::Push { manifest, targets, variant, parallel } => {
+            transfer(&cli, &mut out, manifest, targets, variant, *parallel, true)
+        }
+        Command::Pull { manifest, targets, variant, parallel } => {
+            transfer(&cli, &mut out, manifest, targets, variant, *parallel, false)
         }
         Command::Log { manifest, stage, variant } => {
             let exp = Experiment::load(manifest)?;
@@ -574,7 +626,29 @@ fn cache_command(cli: &Cli, cmd: &CacheCommand, out: &mut impl Write) -> anyhow:
             }
             Ok(0)
         }
-        CacheCommand::Verify { delete_corrupt } => {
+        CacheCommand::Verify { delete_corrupt, remote_of } if !remote_of.is_empty() => {
+            anyhow::ensure!(!*delete_corrupt, "`--delete-corrupt` works on the local cache only");
+            let remote = remote_for(cli, &remote_of[0])?;
+            let (mut checked, mut bad) = (0, 0);
+            for path in remote_of {
+                let exp = Experiment::load(path)?;
+                for s in plan::plan_experiment(&exp, &cache)?.stages {
+                    let Some(record) = remote.record(&s.key)? else { continue };
+                    checked += 1;
+                    for problem in remote.verify(&record)? {
+                        bad += 1;
+                        writeln!(out, "{} ({}): {problem}", s.id, s.key.short())?;
+                    }
+                }
+            }
+            writeln!(
+                out,
+                "checked {checked} remote records of `{}`: {bad} problems",
+                remote.url()
+            )?;
+            Ok(if bad == 0 { 0 } else { EXIT_FAILED })
+        }
+        CacheCommand::Verify { delete_corrupt, .. } => {
             let report = cache.verify()?;
             print_verify(out, &report)?;
             if *delete_corrupt && !report.is_clean() {
@@ -716,6 +790,7 @@ fn print_plan(out: &mut impl Write, p: &Plan) -> anyhow::Result<()> {
     for s in &p.stages {
         let status = match s.status {
             PlanStatus::Cached => "cached",
+            PlanStatus::Remote => "remote",
             PlanStatus::Run => "run",
         };
         write!(out, "{status:<6}  {:<width$}  {}  {:<12}", s.id, s.key.short(), s.kind)?;
@@ -725,16 +800,22 @@ fn print_plan(out: &mut impl Write, p: &Plan) -> anyhow::Result<()> {
         writeln!(out)?;
     }
     let to_run = p.to_run();
-    let cached = p.stages.len() - to_run;
+    let remote = p.stages.iter().filter(|s| s.status == PlanStatus::Remote).count();
+    let cached = p.stages.len() - to_run - remote;
+    let remote = if remote > 0 { format!(", {remote} in the remote cache") } else { String::new() };
     if p.variants.len() > 1 {
         write!(
             out,
-            "{} variants -> {} stage instances, {cached} cached, {to_run} to run",
+            "{} variants -> {} stage instances, {cached} cached{remote}, {to_run} to run",
             p.variants.len(),
             p.stages.len()
         )?;
     } else {
-        write!(out, "{} stage instances: {cached} cached, {to_run} to run", p.stages.len())?;
+        write!(
+            out,
+            "{} stage instances: {cached} cached{remote}, {to_run} to run",
+            p.stages.len()
+        )?;
     }
     if to_run > 0 {
         match p.estimate() {
@@ -771,6 +852,9 @@ struct PlanJson<'a> {
     #[serde(flatten)]
     plan: &'a Plan,
     cached: usize,
+    /// Instances the remote cache holds (`--remote`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    remote: Option<usize>,
     to_run: usize,
     /// Serial seconds to run, from recorded durations (see `Plan::estimate`).
     estimate_s: Option<f64>,
@@ -779,9 +863,11 @@ struct PlanJson<'a> {
 impl<'a> PlanJson<'a> {
     fn new(plan: &'a Plan) -> Self {
         let to_run = plan.to_run();
+        let remote = plan.stages.iter().filter(|s| s.status == PlanStatus::Remote).count();
         PlanJson {
             plan,
-            cached: plan.stages.len() - to_run,
+            cached: plan.stages.len() - to_run - remote,
+            remote: (remote > 0).then_some(remote),
             to_run,
             estimate_s: plan.estimate().map(|(s, _)| s),
         }
@@ -809,6 +895,7 @@ fn print_summary(out: &mut impl Write, s: &RunSummary) -> anyhow::Result<()> {
     let width = s.stages.iter().map(|s| s.id.len()).max().unwrap_or(0).min(60); // longer ids overflow their column
     for st in &s.stages {
         let status = match st.status {
+            RunStatus::Hit if st.remote => "hit (remote)",
             RunStatus::Hit => "hit",
             RunStatus::Ran => "ran",
             RunStatus::Failed => "FAILED",
@@ -988,4 +1075,133 @@ fn select_targets(p: Plan, targets: &[String], downstream: bool) -> anyhow::Resu
     }
     let picked = p.targets(targets)?;
     Ok(if downstream { p.downstream_of(&picked) } else { p.upstream_of(&picked) })
+}
+
+/// The remote cache URL: `--remote`/`PROGDIFF_REMOTE`, else the profile's; checked to open.
+fn remote_url(cli: &Cli, profile: &Profile) -> anyhow::Result<Option<String>> {
+    let url = cli.remote.clone().or_else(|| profile.remote.clone());
+    if let Some(u) = &url {
+        Remote::open(u)?;
+    }
+    Ok(url)
+}
+
+/// The remote cache for commands that need one.
+fn remote_for(cli: &Cli, manifest: &std::path::Path) -> anyhow::Result<Remote> {
+    let profile = Profile::find(None, manifest)?;
+    Remote::configured(cli.remote.as_deref(), profile.remote.as_deref())?.context(
+        "no remote cache: pass `--remote URL`, set PROGDIFF_REMOTE, or add `remote:` to the profile",
+    )
+}
+
+/// `push`/`pull`: every instance of the plan (with its upstreams), `parallel` at a time, with a
+/// byte and object count on stderr.
+fn transfer(
+    cli: &Cli,
+    out: &mut impl Write,
+    manifest: &std::path::Path,
+    targets: &[String],
+    variant: &Option<String>,
+    parallel: usize,
+    push: bool,
+) -> anyhow::Result<u8> {
+    let exp = Experiment::load(manifest)?;
+    let remote = remote_for(cli, manifest)?;
+    let cache = open_cache(cli)?;
+    let p = select_variant(&exp, plan::plan_experiment(&exp, &cache)?, variant)?;
+    let p = select_targets(p, targets, false)?;
+    // What moves: local records (push) or keys the local cache lacks (pull).
+    let work: Vec<&plan::PlannedStage> = p
+        .stages
+        .iter()
+        .filter(|s| if push { s.record.is_some() } else { s.record.is_none() })
+        .collect();
+    let total: u64 = if push {
+        work.iter()
+            .filter_map(|s| s.record.as_ref())
+            .flat_map(|r| r.outputs.values())
+            .map(|o| o.size)
+            .sum()
+    } else {
+        0
+    };
+    let bar = if !cli.quiet && std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        indicatif::ProgressBar::new(total)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} ({eta})",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    let done = std::sync::atomic::AtomicUsize::new(0);
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let results: std::sync::Mutex<Vec<(usize, String)>> = std::sync::Mutex::default();
+    let t = std::time::Instant::now();
+    let moved = std::sync::atomic::AtomicU64::new(0);
+    std::thread::scope(|scope| {
+        for _ in 0..parallel.max(1) {
+            scope.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let Some(s) = work.get(i) else { break };
+                    let count = |n: u64| {
+                        moved.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+                        bar.inc(n);
+                    };
+                    let line = if push {
+                        let record = s.record.as_ref().expect("filtered");
+                        match remote.push(&cache, record, &count) {
+                            Ok(progdiff::remote::Pushed::Created { objects, .. }) => {
+                                format!("pushed  {} ({objects} objects)", s.id)
+                            }
+                            Ok(progdiff::remote::Pushed::Existing { adopted: false }) => {
+                                format!("there   {}", s.id)
+                            }
+                            Ok(progdiff::remote::Pushed::Existing { adopted: true }) => {
+                                format!(
+                                    "adopted {} (the remote's result replaced the local one)",
+                                    s.id
+                                )
+                            }
+                            Err(e) => format!("FAILED  {}: {e:#}", s.id),
+                        }
+                    } else {
+                        match remote.fetch(&cache, &s.key, &count) {
+                            Ok(progdiff::remote::Fetched::Hit(_)) => format!("pulled  {}", s.id),
+                            Ok(progdiff::remote::Fetched::Miss) => format!("missing {}", s.id),
+                            Ok(progdiff::remote::Fetched::Unusable(why)) => {
+                                format!("FAILED  {}: {why}", s.id)
+                            }
+                            Err(e) => format!("FAILED  {}: {e:#}", s.id),
+                        }
+                    };
+                    let n = done.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+                    bar.set_message(format!("{n}/{} instances", work.len()));
+                    results.lock().unwrap_or_else(|e| e.into_inner()).push((i, line));
+                }
+            });
+        }
+    });
+    bar.finish_and_clear();
+    let mut results = results.into_inner().unwrap_or_else(|e| e.into_inner());
+    results.sort();
+    let failed = results.iter().filter(|(_, l)| l.starts_with("FAILED")).count();
+    for (_, line) in &results {
+        writeln!(out, "{line}")?;
+    }
+    let bytes = moved.load(std::sync::atomic::Ordering::Relaxed);
+    let secs = t.elapsed().as_secs_f64();
+    writeln!(
+        out,
+        "{} {} instances, {} in {secs:.1}s ({}/s), {failed} failed",
+        if push { "pushed" } else { "pulled" },
+        results.len() - failed,
+        human_bytes(bytes),
+        human_bytes((bytes as f64 / secs.max(1e-9)) as u64)
+    )?;
+    Ok(if failed == 0 { 0 } else { EXIT_FAILED })
 }

@@ -24,6 +24,8 @@ pub const MISSING_INPUT: &str = "missing";
 pub enum PlanStatus {
     /// The cache holds a complete result for the key.
     Cached,
+    /// The remote cache holds a complete result for the key: `run` downloads it.
+    Remote,
     /// It has to run.
     Run,
 }
@@ -197,6 +199,17 @@ impl Plan {
             }
         }
         self.restricted(&keep)
+    }
+
+    /// Marks the instances that must run but whose result the remote cache holds complete.
+    pub fn look_up_remote(&mut self, remote: &crate::remote::Remote) -> anyhow::Result<()> {
+        for s in self.stages.iter_mut().filter(|s| s.status == PlanStatus::Run && !s.forced) {
+            if remote.has(&s.key)? {
+                s.status = PlanStatus::Remote;
+                s.reasons = vec![format!("in the remote cache `{}`", remote.url())];
+            }
+        }
+        Ok(())
     }
 
     /// Marks `indices` to be recomputed even when cached.

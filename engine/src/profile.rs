@@ -114,6 +114,8 @@ pub struct Profile {
     pub slurm: SlurmProfile,
     /// Resources per stage kind (`train`, `prune`, ...) and `default` for every stage.
     pub resources: BTreeMap<String, Resources>,
+    /// The remote cache (`--remote` wins): s3://bucket/prefix, gs://…, az://…, http(s)://…
+    pub remote: Option<String>,
     /// Where it was read from (none: defaults).
     #[serde(skip)]
     pub file: Option<PathBuf>,

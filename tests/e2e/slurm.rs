@@ -436,14 +436,27 @@ fn model_digests(v: &serde_json::Value, id: &str) -> Vec<String> {
         .collect()
 }
 
-/// Makes a requeued job of `cache` eligible at once (Slurm holds requeued jobs ~2 minutes).
-fn release_requeued(cache: &Path) -> bool {
+/// Makes the requeued jobs of `cache` eligible early (Slurm holds a requeued job about two
+/// minutes). Only once a job has waited a few seconds: a job started again within a second of
+/// its requeue is refused by slurmd ("Job credential revoked"). True when one was released.
+fn release_requeued(cache: &Path, seen: &mut std::collections::HashMap<String, Instant>) -> bool {
     let mut released = false;
     for (job, state) in queue_of(cache) {
-        if state == "PENDING" {
+        let out = std::process::Command::new("squeue")
+            .args(["--noheader", "--format=%r", "--jobs", &job])
+            .output()
+            .unwrap();
+        let reason = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        if state != "PENDING" || reason != "BeginTime" {
+            seen.remove(&job);
+            continue;
+        }
+        let since = *seen.entry(job.clone()).or_insert_with(Instant::now);
+        if since.elapsed() >= Duration::from_secs(3) {
             let _ = std::process::Command::new("scontrol")
                 .args(["update", &format!("jobid={job}"), "StartTime=now"])
                 .output();
+            seen.remove(&job);
             released = true;
         }
     }
@@ -476,8 +489,9 @@ fn slurm_requeued_training_resumes_to_the_bits_of_an_uninterrupted_run() {
     assert!(
         std::process::Command::new("scontrol").args(["requeue", &job]).status().unwrap().success()
     );
+    let mut seen = std::collections::HashMap::new();
     wait_for("the requeued job to be released", Duration::from_secs(60), || {
-        release_requeued(&c.p.cache())
+        release_requeued(&c.p.cache(), &mut seen)
     });
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
@@ -507,8 +521,9 @@ fn slurm_training_checkpoints_on_the_time_limit_signal_requeues_and_finishes() {
     let done = std::sync::atomic::AtomicBool::new(false);
     let out = std::thread::scope(|s| {
         s.spawn(|| {
+            let mut seen = std::collections::HashMap::new();
             while !done.load(std::sync::atomic::Ordering::SeqCst) {
-                release_requeued(&cache);
+                release_requeued(&cache, &mut seen);
                 std::thread::sleep(Duration::from_millis(500));
             }
         });

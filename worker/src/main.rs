@@ -168,7 +168,14 @@ fn exec(
     match result {
         Ok(done) => {
             report.emit(&Event::Done {
-                status: if done.hit { "hit" } else { "ran" }.into(),
+                status: if done.remote {
+                    "remote"
+                } else if done.hit {
+                    "hit"
+                } else {
+                    "ran"
+                }
+                .into(),
                 outputs: done.outputs,
                 seconds: done.seconds,
                 error: None,
