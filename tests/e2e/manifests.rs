@@ -1,4 +1,5 @@
-//! Every bundled manifest validates and plans; the CI manifests run end to end, twice.
+//! Every bundled manifest (manifests/ and studies/) validates and plans; the CI manifests run
+//! end to end, twice.
 
 use std::path::{Path, PathBuf};
 
@@ -17,6 +18,16 @@ fn bundled() -> Vec<PathBuf> {
     }
     let mut out = Vec::new();
     walk(&repo().join("manifests"), &mut out);
+    // The studies' manifests, not their caches.
+    for study in std::fs::read_dir(repo().join("studies")).unwrap() {
+        let dir = study.unwrap().path();
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.extension().is_some_and(|x| x == "yaml") {
+                out.push(p);
+            }
+        }
+    }
     out.sort();
     assert!(!out.is_empty());
     out
