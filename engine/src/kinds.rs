@@ -471,6 +471,9 @@ mod tests {
                 ("stage.clip_denoised", json!(false), Key),
                 ("stage.ddim_eta", json!(0.5), Key),
                 ("stage.grid", json!(4), Key),
+                ("stage.kid.subsets", json!(10), Key),
+                ("stage.kid.subset_size", json!(50), Key),
+                ("stage.kid.seed", json!(3), Key),
                 ("stage.label", json!("a row"), Key),
             ],
         );
@@ -519,6 +522,7 @@ mod tests {
                 ("stage.features", json!(16), Key),
                 ("stage.target", json!("rotation"), Key),
                 ("stage.reference_samples", json!(5), Key),
+                ("stage.seed", json!(5), Key),
             ],
         );
         check::<progdiff_kinds::fid_extractor::FidExtractor>(
@@ -535,8 +539,28 @@ mod tests {
                 ("stage.features", json!(16), Unread(trained)),
                 ("stage.target", json!("rotation"), Unread(trained)),
                 ("stage.reference_samples", json!(5), Key),
+                ("stage.seed", json!(null), Skip("validation refuses it for a TorchScript module")),
             ],
         );
+    }
+
+    /// Issue 13: a classifier with its own `seed` is one extractor for every manifest seed, so
+    /// the variants of a `seeds:` study share it.
+    #[test]
+    fn fid_extractor_own_seed_replaces_the_manifest_seed() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = base(json!({ "kind": "fid-extractor", "steps": 3, "seed": 5 }));
+        let mut other = m.clone();
+        other["seed"] = json!(8);
+        assert_eq!(key_of(&m, dir.path()), key_of(&other, dir.path()));
+        let mut own = m.clone();
+        own["stages"]["s"]["seed"] = json!(6);
+        assert_ne!(key_of(&m, dir.path()), key_of(&own, dir.path()));
+        // Without its own seed, the manifest's is the classifier's.
+        let mut implicit = m.clone();
+        implicit["stages"]["s"].as_object_mut().unwrap().remove("seed");
+        implicit["seed"] = json!(5);
+        assert_eq!(key_of(&m, dir.path()), key_of(&implicit, dir.path()));
     }
 
     #[test]

@@ -8,6 +8,7 @@
 
 pub mod dag;
 pub mod executor;
+pub mod fid;
 pub mod fingerprint;
 pub mod job;
 pub mod kinds;
@@ -20,4 +21,5 @@ pub mod report_plots;
 pub mod resources;
 pub mod schema;
 pub mod slurm;
+pub mod summary;
 pub mod worker;

@@ -169,12 +169,15 @@ enum Command {
         /// Output format
         #[arg(long, value_enum, default_value_t = ReportFormat::Markdown)]
         format: ReportFormat,
-        /// Also write PNG figures into DIR: training curves, allocation figures, FID bars
+        /// Also write PNG figures into DIR: training curves, allocation figures, FID and KID bars
+        /// with their intervals over seeds, each evaluation's sample grid and all rows' grids
+        /// side by side
         #[arg(long, value_name = "DIR")]
         plots: Option<PathBuf>,
     },
-    /// FID between two image folders or two pytorch-fid `.npz` statistics files; with
-    /// `--save-stats`, writes the statistics of A to the file B instead
+    /// FID between two image folders or two `.npz` statistics files, and KID when both hold
+    /// feature vectors (progdiff's do, pytorch-fid's do not); with `--save-stats`, writes the
+    /// statistics (and feature vectors) of A to the file B instead
     Fid {
         /// Image folder or `.npz` statistics
         a: PathBuf,
@@ -192,9 +195,16 @@ enum Command {
         /// `cpu` or `cuda:N`
         #[arg(long, default_value = "cpu")]
         device: String,
-        /// Write the statistics of A to B (pytorch-fid's `.npz` format) instead of comparing
+        /// Write the statistics of A to B (pytorch-fid's `.npz` format, with the feature vectors
+        /// as `features`) instead of comparing
         #[arg(long)]
         save_stats: bool,
+        /// KID: pairs of subsets averaged over
+        #[arg(long, default_value_t = 100)]
+        kid_subsets: usize,
+        /// KID: feature vectors per subset (at most the smaller set's count)
+        #[arg(long, default_value_t = 1000)]
+        kid_subset_size: usize,
     },
     /// Print the manifest JSON Schema (for yaml-language-server)
     Schema,
@@ -553,7 +563,7 @@ fn real_main(cli: Cli) -> anyhow::Result<u8> {
                 }
             }
             if let Some(dir) = plots {
-                written.extend(progdiff::report_plots::write_fid_bars(&rows, dir)?);
+                written.extend(progdiff::report_plots::write_row_plots(&rows, &cache, dir)?);
                 for p in &written {
                     eprintln!("wrote {}", p.display());
                 }
@@ -568,26 +578,49 @@ fn real_main(cli: Cli) -> anyhow::Result<u8> {
             }
             Ok(0)
         }
-        Command::Fid { a, b, extractor, size, batch_size, device, save_stats } => {
-            let opts = progdiff::report::FidOptions {
+        Command::Fid {
+            a,
+            b,
+            extractor,
+            size,
+            batch_size,
+            device,
+            save_stats,
+            kid_subsets,
+            kid_subset_size,
+        } => {
+            let opts = progdiff::fid::FidOptions {
                 extractor: extractor.clone(),
                 size: *size,
                 batch_size: *batch_size,
                 device: device.clone(),
             };
             if *save_stats {
-                let stats_a = progdiff::report::statistics_of(a, &opts)?;
-                progdiff_kinds::fid::write_stats(&stats_a, b)?;
+                let measured = progdiff::fid::measured_of(a, &opts)?;
+                progdiff::fid::save(&measured, b)?;
                 writeln!(out, "wrote the statistics of `{}` to `{}`", a.display(), b.display())?;
             } else {
-                // Both statistics at once (decompressing a 2048-d `.npz` is a tenth of a second).
-                let (stats_a, stats_b) = std::thread::scope(|s| {
-                    let b = s.spawn(|| progdiff::report::statistics_of(b, &opts));
-                    let a = progdiff::report::statistics_of(a, &opts);
-                    (a, b.join().expect("reading statistics does not panic"))
+                // Both sides at once (decompressing a 2048-d `.npz` is a tenth of a second).
+                let (ma, mb) = std::thread::scope(|s| {
+                    let mb = s.spawn(|| progdiff::fid::measured_of(b, &opts));
+                    let ma = progdiff::fid::measured_of(a, &opts);
+                    (ma, mb.join().expect("reading statistics does not panic"))
                 });
-                let d = progdiff_kinds::fid::frechet_distance(&stats_a?, &stats_b?)?;
-                writeln!(out, "FID: {d}")?;
+                let kid = progdiff_kinds::fid::KidOptions {
+                    subsets: *kid_subsets,
+                    subset_size: *kid_subset_size,
+                    ..Default::default()
+                };
+                let d = progdiff::fid::distances((&ma?, a), (&mb?, b), &kid)?;
+                writeln!(out, "FID: {}", d.fid)?;
+                match d.kid {
+                    Ok(k) => writeln!(
+                        out,
+                        "KID: {} (std {} over {} subsets of {})",
+                        k.mean, k.std, k.subsets, k.subset_size
+                    )?,
+                    Err(why) => eprintln!("{why}"),
+                }
             }
             Ok(0)
         }

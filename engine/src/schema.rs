@@ -63,6 +63,7 @@ pub fn manifest_schema() -> Value {
                 "properties": {
             "name": { "type": "string", "description": "Experiment name (defaults to the file name)." },
             "seed": { "type": "integer", "minimum": 0, "description": "Seed for every stage that draws random numbers." },
+            "seeds": { "type": ["integer", "null"], "minimum": 1, "maximum": 1000, "description": "Run every variant with this many seeds (`seed`, `seed`+1, ...): a `seed` axis after the sweep's, variants `seed=0`, `seed=1`, ...; `progdiff report` folds the seeds of one configuration into one row with mean, std, 95% CI and n." },
             "data": data,
             "model": model,
             "diffusion": diffusion,

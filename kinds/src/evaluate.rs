@@ -1,23 +1,26 @@
-//! `evaluate`: samples, FID, averaged params/MACs and sampling time — parameters, inputs and
-//! the metrics file (the work is `progdiff_stages::evaluate`). With `samples: 0` it is a
-//! cost-only evaluation: the averaged params and MACs, no sampling and no FID.
+//! `evaluate`: samples, FID and KID, averaged params/MACs and sampling time — parameters,
+//! inputs and the metrics file (the work is `progdiff_stages::evaluate`). With `samples: 0` it
+//! is a cost-only evaluation: the averaged params and MACs, no sampling, no FID or KID.
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::config::DiffusionConfig;
 use crate::context::FieldError;
+use crate::fid::{Kid, KidOptions};
 use crate::kind::{Sections, StageKind};
 
 /// Stage kind name.
 pub const KIND: &str = "evaluate";
-/// Implementation version: bump when results would change.
-pub const VERSION: u32 = 1;
+/// Implementation version: bump when results would change. 2: KID beside FID in
+/// `metrics.json`, and the samples' feature vectors in `samples.npz` (`features`).
+pub const VERSION: u32 = 2;
 /// Output: [`EvaluateMetrics`] as JSON.
 pub const METRICS_FILE: &str = "metrics.json";
 /// Output: a PNG grid of the first samples.
 pub const GRID_FILE: &str = "samples.png";
-/// Output: the samples' feature statistics (pytorch-fid `.npz`).
+/// Output: the samples' feature statistics (pytorch-fid `.npz`) and feature vectors (its
+/// `features` array).
 pub const STATS_FILE: &str = "samples.npz";
 
 /// Which weights of a trained model to sample with.
@@ -49,6 +52,9 @@ pub struct EvaluateParams {
     pub ddim_eta: Option<f64>,
     /// Images in the PNG grid (0: no grid).
     pub grid: usize,
+    /// KID's subsets of the samples' and the reference's features (Bińkowski et al.;
+    /// torch-fidelity's and clean-fid's defaults: 100 subsets of min(1000, samples)).
+    pub kid: KidOptions,
     /// Name of the row in `progdiff report` (the stage id when absent). Not part of the key
     /// and not given to the stage: renaming a row re-uses its samples.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -64,6 +70,7 @@ impl Default for EvaluateParams {
             clip_denoised: true,
             ddim_eta: None,
             grid: 64,
+            kid: KidOptions::default(),
             label: None,
         }
     }
@@ -79,6 +86,22 @@ impl EvaluateParams {
         crate::context::at_most(&mut e, "samples", self.samples, 100_000_000);
         crate::context::at_most(&mut e, "batch_size", self.batch_size, 65_536);
         crate::context::at_most(&mut e, "grid", self.grid, 10_000);
+        let kid = |field: &str, message: String| FieldError {
+            path: vec!["kid".into(), field.into()],
+            message,
+        };
+        if self.kid.subsets == 0 {
+            e.push(kid("subsets", "must be at least 1, got 0".into()));
+        }
+        if self.kid.subset_size < 2 {
+            e.push(kid("subset_size", format!("must be at least 2, got {}", self.kid.subset_size)));
+        }
+        for (field, value) in [("subsets", self.kid.subsets), ("subset_size", self.kid.subset_size)]
+        {
+            if value > 100_000 {
+                e.push(kid(field, format!("must be at most 100000, got {value}")));
+            }
+        }
         if let Some(eta) = self.ddim_eta
             && !(eta >= 0.0 && eta.is_finite())
         {
@@ -110,6 +133,10 @@ pub struct EvaluateMetrics {
     pub sample_steps: usize,
     /// FID against the reference statistics; absent without an extractor.
     pub fid: Option<f64>,
+    /// KID against the reference features (mean and standard deviation over subsets); absent
+    /// without an extractor, and in results of version 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kid: Option<Kid>,
     /// The extractor, as `torchscript` or `classifier`, when there is one.
     pub extractor: Option<String>,
     /// Params averaged over the sampled timesteps.
@@ -120,7 +147,7 @@ pub struct EvaluateMetrics {
     pub steps_per_model: Vec<usize>,
     /// Wall-clock seconds spent sampling (without feature extraction).
     pub sampling_seconds: f64,
-    /// Seconds spent extracting features and computing the FID.
+    /// Seconds spent extracting features and computing the FID and KID.
     pub fid_seconds: f64,
     /// Which weights were sampled.
     pub weights: Weights,

@@ -27,15 +27,16 @@ pub enum Target {
 
 /// Stage kind name.
 pub const KIND: &str = "fid-extractor";
-/// Implementation version: bump when outputs would change.
-pub const VERSION: u32 = 1;
+/// Implementation version: bump when outputs would change. 2: `reference.npz` also holds the
+/// dataset's feature vectors (`features`, for KID).
+pub const VERSION: u32 = 2;
 /// Output: the [`ExtractorSpec`].
 pub const SPEC_FILE: &str = "extractor.json";
 /// Output: the TorchScript module.
 pub const MODULE_FILE: &str = "extractor.pt";
 /// Output: the classifier's weights.
 pub const WEIGHTS_FILE: &str = "classifier.safetensors";
-/// Output: the dataset's statistics under the extractor.
+/// Output: the dataset's statistics under the extractor, and its feature vectors (`features`).
 pub const REFERENCE_FILE: &str = "reference.npz";
 
 /// Which extractor.
@@ -71,6 +72,11 @@ pub struct ExtractorParams {
     pub target: Target,
     /// Dataset images the reference statistics are computed over (all when absent).
     pub reference_samples: Option<usize>,
+    /// Classifier: the seed it is trained with, instead of the manifest's `seed:`. With it, every
+    /// variant of a `seeds:` study measures its samples with one extractor (one shared instance)
+    /// rather than one classifier per seed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
 }
 
 impl Default for ExtractorParams {
@@ -85,6 +91,7 @@ impl Default for ExtractorParams {
             features: 128,
             target: Target::Auto,
             reference_samples: None,
+            seed: None,
         }
     }
 }
@@ -98,6 +105,9 @@ impl ExtractorParams {
         }
         if self.extractor == ExtractorKind::Classifier && self.path.is_some() {
             e.push(FieldError::at("path", "is only read when `extractor` is `torchscript`"));
+        }
+        if self.extractor == ExtractorKind::Torchscript && self.seed.is_some() {
+            e.push(FieldError::at("seed", "is only read when `extractor` is `classifier`"));
         }
         for (name, v) in [("size", self.size), ("batch_size", self.batch_size)] {
             if v == 0 {
@@ -183,6 +193,7 @@ impl ExtractorKey {
             features: self.features.unwrap_or(d.features),
             target: self.target.unwrap_or(d.target),
             reference_samples: self.reference_samples,
+            seed: None,
         }
     }
 }
@@ -192,7 +203,8 @@ impl ExtractorKey {
 pub struct FidExtractorInputs {
     /// Its parameters, as the extractor reads them.
     pub stage: ExtractorKey,
-    /// `seed:`, for a classifier (a TorchScript module draws nothing).
+    /// The classifier's seed (its `seed` parameter, or the manifest's `seed:`); absent for a
+    /// TorchScript module, which draws nothing.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seed: Option<u64>,
     /// `data:` without its file locations.
@@ -225,7 +237,8 @@ impl StageKind for FidExtractor {
         }
         FidExtractorInputs {
             stage: ExtractorKey::of(params),
-            seed: (params.extractor == ExtractorKind::Classifier).then_some(m.seed),
+            seed: (params.extractor == ExtractorKind::Classifier)
+                .then_some(params.seed.unwrap_or(m.seed)),
             data,
             at,
         }

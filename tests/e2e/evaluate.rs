@@ -24,7 +24,10 @@ fn ci_evaluate_manifest_reports_baseline_and_progressive_rows() {
         assert!(r["fid"].is_null() && r["macs"].is_null() && r["params"].is_null(), "{r}");
     }
     let md = stdout(&p.run(&["report", "evaluate.yaml"]));
-    assert!(md.contains("| IDDPM | eval_base | missing | missing | missing | 30 |"), "{md}");
+    assert!(
+        md.contains("| IDDPM | eval_base | missing | missing | missing | missing | 30 |"),
+        "{md}"
+    );
 
     let (out, run) = p.json(&["run", "--json", "evaluate.yaml"]);
     assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
@@ -51,6 +54,9 @@ fn ci_evaluate_manifest_reports_baseline_and_progressive_rows() {
         assert_eq!(r["evaluated"], true);
         let fid = r["fid"].as_f64().unwrap();
         assert!(fid.is_finite() && fid >= -1e-9, "{r}");
+        // KID beside FID, from the same features (unbiased: it may be negative).
+        assert!(r["kid"].as_f64().is_some_and(f64::is_finite), "{r}");
+        assert!(r["seeds"][0]["kid_std"].as_f64().is_some_and(|s| s >= 0.0), "{r}");
         assert!(r["macs"].as_f64().unwrap() > 0.0 && r["params"].as_f64().unwrap() > 0.0);
         assert_eq!(r["samples"], 8);
     }
@@ -62,28 +68,48 @@ fn ci_evaluate_manifest_reports_baseline_and_progressive_rows() {
     let csv = stdout(&p.run(&["report", "--format", "csv", "evaluate.yaml"]));
     assert_eq!(csv.lines().count(), 3, "{csv}");
 
-    // `--plots DIR`: training curves, the allocation figure and FID bars, as decodable PNGs.
+    // `--plots DIR`: training curves, the allocation figure, FID and KID bars, the sample grids
+    // and the side-by-side figure, as decodable PNGs.
     let out = p.run(&["report", "evaluate.yaml", "--plots", "plots"]);
     assert!(out.status.success(), "{}", stderr(&out));
     let dir = p.path().join("plots");
-    for name in ["ci-evaluate.loss.png", "ci-evaluate.allocate.allocation.png", "fid.png"] {
+    for name in [
+        "ci-evaluate.loss.png",
+        "ci-evaluate.allocate.allocation.png",
+        "fid.png",
+        "kid.png",
+        "samples.png",
+        "samples/ci-evaluate.eval_base.seed0.png",
+        "samples/ci-evaluate.eval_progressive.seed0.png",
+    ] {
         let path = dir.join(name);
         assert!(stderr(&out).contains(&format!("wrote plots/{name}")), "{}", stderr(&out));
         let decoder = png::Decoder::new(std::fs::File::open(&path).unwrap());
         let mut reader = decoder.read_info().unwrap();
         let mut buf = vec![0; reader.output_buffer_size()];
         let info = reader.next_frame(&mut buf).unwrap();
-        assert!(info.width > 100 && info.height > 100, "{name}: {info:?}");
+        let small = name.starts_with("samples/");
+        assert!(small || (info.width > 100 && info.height > 100), "{name}: {info:?}");
     }
 
-    // `progdiff fid` between the statistics the evaluation left: the stage's own value.
+    // `progdiff fid` between the statistics the evaluation left: the stage's own FID and KID
+    // (the stored features make KID possible without the worker).
     let stats = outputs("eval_base")["samples.npz"].as_str().unwrap().to_string();
     let reference = features["reference.npz"].as_str().unwrap().to_string();
     let out = p.run(&["fid", &stats, &reference]);
     assert!(out.status.success(), "{}", stderr(&out));
-    let printed: f64 = stdout(&out).trim().strip_prefix("FID: ").unwrap().parse().unwrap();
+    let printed = stdout(&out);
+    let line = |prefix: &str| -> f64 {
+        let l = printed.lines().find_map(|l| l.strip_prefix(prefix)).unwrap_or_else(|| {
+            panic!("no `{prefix}` line in {printed}");
+        });
+        l.split_whitespace().next().unwrap().parse().unwrap()
+    };
     let fid = base["fid"].as_f64().unwrap();
-    assert!((printed - fid).abs() <= 1e-6 * fid.abs().max(1.0), "{printed} vs {fid}");
+    let (got_fid, got_kid) = (line("FID: "), line("KID: "));
+    assert!((got_fid - fid).abs() <= 1e-6 * fid.abs().max(1.0), "{got_fid} vs {fid}");
+    let kid = base["kid"].as_f64().unwrap();
+    assert!((got_kid - kid).abs() <= 1e-9 * kid.abs().max(1.0), "{got_kid} vs {kid}");
 
     // An image folder through a TorchScript extractor, saved as statistics, compared to itself.
     let grid = outputs("eval_base")["samples.png"].as_str().unwrap().to_string();
@@ -107,8 +133,28 @@ fn ci_evaluate_manifest_reports_baseline_and_progressive_rows() {
     assert!(out.status.success(), "{}", stderr(&out));
     let out = p.run(&["fid", "images.npz", "images", "--extractor", module, "--size", "16"]);
     assert!(out.status.success(), "{}", stderr(&out));
-    let d: f64 = stdout(&out).trim().strip_prefix("FID: ").unwrap().parse().unwrap();
+    let printed = stdout(&out);
+    let d: f64 = printed.lines().next().unwrap().strip_prefix("FID: ").unwrap().parse().unwrap();
     assert!(d.abs() < 1e-9, "{d}");
+    // Three copies of one image on both sides: every kernel value is the same, so KID is 0
+    // (to rounding), over subsets of all 3.
+    let kid = printed.lines().nth(1).unwrap().strip_prefix("KID: ").unwrap();
+    assert!(kid.split_whitespace().next().unwrap().parse::<f64>().unwrap().abs() < 1e-9, "{kid}");
+    assert!(kid.ends_with("over 100 subsets of 3)"), "{printed}");
+    // pytorch-fid's own files hold no features: FID only, and a note saying why there is no KID.
+    let stats_only = p.path().join("stats-only.npz");
+    {
+        let s = progdiff_kinds::fid::read_stats(&p.path().join("images.npz")).unwrap();
+        progdiff_kinds::fid::write_stats(&s, &stats_only).unwrap();
+    }
+    let out = p.run(&["fid", "stats-only.npz", "images.npz"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out).lines().count(), 1, "{}", stdout(&out));
+    assert!(
+        stderr(&out).contains("no KID: `stats-only.npz` holds statistics only"),
+        "{}",
+        stderr(&out)
+    );
     // A folder without an extractor is an error with a hint.
     let out = p.run(&["fid", "images", "images.npz"]);
     assert!(!out.status.success());

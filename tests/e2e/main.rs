@@ -9,6 +9,7 @@ mod hostile;
 mod integrity;
 mod manifests;
 mod prune;
+mod seeds;
 mod slurm;
 mod sweep;
 mod train;

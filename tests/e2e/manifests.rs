@@ -10,7 +10,10 @@ fn bundled() -> Vec<PathBuf> {
         for e in std::fs::read_dir(dir).unwrap() {
             let p = e.unwrap().path();
             if p.is_dir() {
-                walk(&p, out);
+                // Not into a study's cache (`.progdiff/`).
+                if !p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.')) {
+                    walk(&p, out);
+                }
             } else if p.extension().is_some_and(|x| x == "yaml" || x == "yml") {
                 out.push(p);
             }

@@ -50,7 +50,7 @@ enum Cmd {
         slurm_job: Option<String>,
     },
     /// Write the FID statistics (pytorch-fid `.npz`) of an image folder through a TorchScript
-    /// feature extractor
+    /// feature extractor, with the feature vectors themselves (`features`, for KID)
     Stats {
         /// Folder of PNG/JPEG images
         folder: PathBuf,
@@ -240,7 +240,7 @@ fn stats(
     let images = fid::load_folder(folder, 3)?;
     let features = extractor.features(&images, batch_size)?;
     let stats = fid::statistics_from_features(&features)?;
-    fid::write_stats(&stats, out)?;
+    fid::write_stats_with_features(&stats, Some(&fid::features_from_tensor(&features)?), out)?;
     Ok(())
 }
 

@@ -192,8 +192,14 @@ pub struct Manifest {
     pub diffusion: DiffusionConfig,
     /// Stages in manifest order.
     pub stages: Vec<StageDecl>,
-    /// The sweep variant this is (`groups=4,k=0.5`), for manifests with a `sweep:`.
+    /// The sweep variant this is (`groups=4,k=0.5`), for manifests with a `sweep:` or
+    /// `seeds:`.
     pub variant: Option<String>,
+    /// For a variant whose seed is an axis of its own (`seeds: N`, `product: { seed: [...] }`):
+    /// its name without the seed part (`groups=4`; empty when the seed is the only axis).
+    /// Variants with the same one are replicates of one configuration, which `progdiff
+    /// report` folds into one row.
+    pub seed_group: Option<String>,
 }
 
 /// A manifest file with its sweep expanded: one [`Manifest`] per variant (exactly one, with no
@@ -240,25 +246,32 @@ impl Experiment {
         };
         let mut chain: Vec<PathBuf> = std::fs::canonicalize(file).into_iter().collect();
         let Some(mut root) = cx.compose(root, dir, &mut chain) else { return Err(cx.finish()) };
-        let sweep = match &mut root.kind {
+        let mut take = |key: &str| match &mut root.kind {
             NodeKind::Map(entries) => entries
                 .iter()
-                .position(|(k, _)| k.name == sweep::SWEEP)
+                .position(|(k, _)| k.name == key)
                 .map(|i| entries.remove(i).1)
                 .filter(|n| n.kind != NodeKind::Null),
             _ => None,
         };
+        let sweep = take(sweep::SWEEP);
+        let seeds = take(sweep::SEEDS);
+        let seeds = match &seeds {
+            Some(node) => match cx.seeds(&root, node) {
+                Some(s) => Some(s),
+                None => return Err(cx.finish()),
+            },
+            None => None,
+        };
         let mut variants = Vec::new();
-        match sweep {
-            None => variants.extend(cx.manifest(&root, dir, default_name)),
-            Some(node) => {
-                if let Some(specs) = cx.sweep(&root, &node) {
-                    for spec in specs {
-                        if let Some(mut m) = cx.manifest(&spec.apply(&root), dir, default_name) {
-                            m.variant = Some(spec.name);
-                            variants.push(m);
-                        }
-                    }
+        if sweep.is_none() && seeds.as_ref().is_none_or(|s| s.count() <= 1) {
+            variants.extend(cx.manifest(&root, dir, default_name));
+        } else if let Some(specs) = cx.variants(&root, sweep.as_ref(), seeds.as_ref()) {
+            for spec in specs {
+                if let Some(mut m) = cx.manifest(&spec.apply(&root), dir, default_name) {
+                    m.variant = Some(spec.name);
+                    m.seed_group = spec.seed_group;
+                    variants.push(m);
                 }
             }
         }
@@ -340,7 +353,7 @@ impl Experiment {
 }
 
 const TOP_KEYS: &[&str] =
-    &["name", "seed", "data", "model", "diffusion", "stages", "sweep", "extends"];
+    &["name", "seed", "seeds", "data", "model", "diffusion", "stages", "sweep", "extends"];
 pub(crate) const STAGE_KEYS: &[&str] = &["kind", "needs", "for_each", "resources", "retries"];
 
 /// Collects diagnostics for a manifest and the files it extends.
@@ -451,6 +464,7 @@ impl Cx {
             diffusion: diffusion?,
             stages: stages?,
             variant: None,
+            seed_group: None,
         })
     }
 

@@ -13,6 +13,14 @@
 //! its parts with `,`: `path=value` for product and zip values (the last path segment when that
 //! is unambiguous: `groups=4,k=0.5`), the given name for an explicit variant.
 //!
+//! Seeds are an axis of their own: `seeds: N` (a top-level key) appends the axis
+//! `seed = seed, seed+1, ..., seed+N-1` (the manifest's `seed:`, 0 by default) after the
+//! sweep's axes (`groups=4,seed=0`), and `product: { seed: [...] }` is one too. The variants
+//! that differ only by their seed axis are replicates of one configuration: each records the
+//! name without its seed part ([`VariantSpec::seed_group`]), over which `progdiff report` folds
+//! them into one row. `seeds: 1` is the manifest itself; `seeds:` does not change any key (the
+//! variant `seed=0` of `seed: 0, seeds: 3` is the manifest with `seed: 0`).
+//!
 //! A path names a stage parameter (`allocate.k`, `prune.proxy.kind`, or `stages.allocate.k`) or a
 //! section value (`model.channels`, `diffusion.steps`, `seed`, `data.path`). Each variant is the
 //! manifest with its values written in at those paths and is validated in full; the swept value
@@ -26,6 +34,10 @@ use super::{Cx, STAGE_KEYS, closest, quoted};
 
 /// The key of the sweep section.
 pub(crate) const SWEEP: &str = "sweep";
+/// The top-level key of the seed axis.
+pub(crate) const SEEDS: &str = "seeds";
+/// More seeds than this is surely a mistake.
+const MAX_SEEDS: usize = 1000;
 const SWEEP_KEYS: &[&str] = &["product", "zip", "variants"];
 /// Top-level sections whose values can be swept.
 const SECTIONS: &[&str] = &["seed", "data", "model", "diffusion"];
@@ -46,7 +58,25 @@ pub(crate) struct Override {
 pub(crate) struct VariantSpec {
     /// `groups=4,k=0.5`.
     pub name: String,
+    /// With a seed axis: the name without its seed part (`groups=4`; empty when the seed is
+    /// the only axis). Variants with the same one are replicates of one configuration.
+    pub seed_group: Option<String>,
     overrides: Vec<Override>,
+}
+
+/// `seeds: N` read: the seeds and where the key was written.
+#[derive(Clone, Debug)]
+pub(crate) struct Seeds {
+    first: i64,
+    count: usize,
+    pos: Pos,
+}
+
+impl Seeds {
+    /// How many seeds.
+    pub(crate) fn count(&self) -> usize {
+        self.count
+    }
 }
 
 impl VariantSpec {
@@ -63,6 +93,9 @@ impl VariantSpec {
 /// One option of an axis: its name part and its values.
 type Choice = (String, Vec<Override>);
 
+/// An axis: its options, and whether it is a seed axis.
+type Axis = (Vec<Choice>, bool);
+
 /// A swept path (index into the list of paths read) and its values.
 type PathValues = (usize, Vec<Node>);
 
@@ -74,9 +107,94 @@ struct SweptPath {
 }
 
 impl Cx {
-    /// Parses the `sweep:` section `node` of document `root` into its variants. `None` when the
-    /// sweep has mistakes (all reported).
-    pub(crate) fn sweep(&mut self, root: &Node, node: &Node) -> Option<Vec<VariantSpec>> {
+    /// Reads the top-level `seeds:` value `node` of document `root` (whose `seed:` is the first
+    /// seed). `None` with the mistake reported.
+    pub(crate) fn seeds(&mut self, root: &Node, node: &Node) -> Option<Seeds> {
+        let count = match node.kind {
+            NodeKind::Int(n) if n >= 1 && n as usize <= MAX_SEEDS => n as usize,
+            NodeKind::Int(n) => {
+                self.push_at(
+                    node.pos,
+                    SEEDS,
+                    format!("must be between 1 and {MAX_SEEDS}, got {n}"),
+                );
+                return None;
+            }
+            _ => {
+                self.push_at(
+                    node.pos,
+                    SEEDS,
+                    format!(
+                        "must be the number of seeds to run (an integer), found {}",
+                        node.type_name()
+                    ),
+                );
+                return None;
+            }
+        };
+        let first = match root.get("seed") {
+            None => 0,
+            Some(Node { kind: NodeKind::Int(i), .. }) if *i >= 0 => *i,
+            Some(n) => {
+                self.push_at(n.pos, "seed", "must be a non-negative integer");
+                return None;
+            }
+        };
+        if first.checked_add(count as i64).is_none() {
+            self.push_at(node.pos, SEEDS, format!("seed {first} + {count} seeds overflows"));
+            return None;
+        }
+        Some(Seeds { first, count, pos: node.pos })
+    }
+
+    /// The variants of document `root`: its `sweep:` section `node` (if any) and its seeds (if
+    /// `seeds:` asks for more than one). `None` when there is no sweep and a single seed, or
+    /// when the sweep has mistakes (all reported).
+    pub(crate) fn variants(
+        &mut self,
+        root: &Node,
+        node: Option<&Node>,
+        seeds: Option<&Seeds>,
+    ) -> Option<Vec<VariantSpec>> {
+        let seeds = seeds.filter(|s| s.count > 1);
+        let seed_axis = seeds.map(|s| {
+            let choices = (0..s.count as i64)
+                .map(|i| {
+                    let value = Node { pos: s.pos, kind: NodeKind::Int(s.first + i) };
+                    let name = format!("seed={}", s.first + i);
+                    (name, vec![Override { path: vec!["seed".into()], value }])
+                })
+                .collect();
+            (choices, true)
+        });
+        match node {
+            Some(node) => self.sweep(root, node, seed_axis, seeds.map(|s| s.pos)),
+            None => {
+                let (choices, _) = seed_axis?;
+                Some(
+                    choices
+                        .into_iter()
+                        .map(|(name, overrides)| VariantSpec {
+                            name,
+                            seed_group: Some(String::new()),
+                            overrides,
+                        })
+                        .collect(),
+                )
+            }
+        }
+    }
+
+    /// Parses the `sweep:` section `node` of document `root` into its variants, with
+    /// `seed_axis` (from `seeds:` at `seeds_pos`) as the last axis. `None` when the sweep has
+    /// mistakes (all reported).
+    fn sweep(
+        &mut self,
+        root: &Node,
+        node: &Node,
+        seed_axis: Option<Axis>,
+        seeds_pos: Option<Pos>,
+    ) -> Option<Vec<VariantSpec>> {
         let NodeKind::Map(entries) = &node.kind else {
             self.push_at(
                 node.pos,
@@ -108,12 +226,13 @@ impl Cx {
         }
         // Every path, to find duplicates and to name product/zip values unambiguously.
         let mut listed: Vec<SweptPath> = Vec::new();
-        let mut axes: Vec<Vec<Choice>> = Vec::new();
+        let mut axes: Vec<Axis> = Vec::new();
         let mut labelled: Vec<(usize, Vec<PathValues>)> = Vec::new();
         if let Some(product) = node.get("product") {
             for (pi, values) in self.path_lists(root, product, "product", &mut listed) {
                 labelled.push((axes.len(), vec![(pi, values)]));
-                axes.push(Vec::new());
+                // `product: { seed: [...] }` is a seed axis.
+                axes.push((Vec::new(), listed[pi].full == ["seed"]));
             }
         }
         if let Some(zip) = node.get("zip") {
@@ -142,7 +261,7 @@ impl Cx {
                 {
                     if !lists.is_empty() && equal {
                         labelled.push((axes.len(), lists));
-                        axes.push(Vec::new());
+                        axes.push((Vec::new(), false));
                     }
                 }
             }
@@ -150,7 +269,7 @@ impl Cx {
         let explicit = match node.get("variants") {
             Some(v) => match self.explicit_variants(root, v, &mut listed) {
                 Some(choices) => {
-                    axes.push(choices);
+                    axes.push((choices, false));
                     true
                 }
                 None => false,
@@ -198,7 +317,7 @@ impl Cx {
         };
         for (axis, lists) in &labelled {
             let len = lists[0].1.len();
-            axes[*axis] = (0..len)
+            axes[*axis].0 = (0..len)
                 .map(|i| {
                     let name = lists
                         .iter()
@@ -216,7 +335,20 @@ impl Cx {
                 })
                 .collect();
         }
-        let total = axes.iter().try_fold(1usize, |acc, a| acc.checked_mul(a.len()));
+        if let (Some(pos), Some(p)) = (seeds_pos, listed.iter().find(|p| p.full == ["seed"])) {
+            self.push_at(
+                p.pos,
+                &format!("{SWEEP}.{}", p.written),
+                format!(
+                    "`seed` is swept here and `{SEEDS}:` (line {}) sets the seeds too: use one",
+                    pos.line
+                ),
+            );
+            return None;
+        }
+        axes.extend(seed_axis);
+        let seeded = axes.iter().any(|(_, seed)| *seed);
+        let total = axes.iter().try_fold(1usize, |acc, a| acc.checked_mul(a.0.len()));
         match total {
             Some(n) if n <= MAX_VARIANTS => {}
             _ => {
@@ -228,17 +360,25 @@ impl Cx {
                 return None;
             }
         }
-        let mut variants: Vec<VariantSpec> =
-            vec![VariantSpec { name: String::new(), overrides: Vec::new() }];
-        for axis in &axes {
+        let join = |a: &str, part: &str| {
+            if a.is_empty() { part.to_string() } else { format!("{a},{part}") }
+        };
+        let mut variants: Vec<VariantSpec> = vec![VariantSpec {
+            name: String::new(),
+            seed_group: seeded.then(String::new),
+            overrides: Vec::new(),
+        }];
+        for (axis, is_seed) in &axes {
             let mut next = Vec::with_capacity(variants.len() * axis.len());
             for v in &variants {
                 for (part, overrides) in axis {
                     let mut o = v.overrides.clone();
                     o.extend(overrides.iter().cloned());
-                    let name =
-                        if v.name.is_empty() { part.clone() } else { format!("{},{part}", v.name) };
-                    next.push(VariantSpec { name, overrides: o });
+                    let seed_group = match (&v.seed_group, is_seed) {
+                        (Some(g), false) => Some(join(g, part)),
+                        (g, _) => g.clone(),
+                    };
+                    next.push(VariantSpec { name: join(&v.name, part), seed_group, overrides: o });
                 }
             }
             variants = next;

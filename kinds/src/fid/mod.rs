@@ -1,9 +1,13 @@
-//! FID on statistics, torch-free: pytorch-fid's `.npz` statistics files both ways, the
-//! statistics of feature vectors, and the Fréchet distance between two Gaussians on `faer`
-//! ([`frechet_distance`]; the method and its agreement with pytorch-fid are in its module).
-//! Feature extraction (which needs a network) is `progdiff_stages::fid`.
+//! FID and KID on stored features and statistics, torch-free: pytorch-fid's `.npz` statistics
+//! files both ways (with the feature vectors themselves as an extra `features` array, which
+//! pytorch-fid ignores and KID needs), the statistics of feature vectors, the Fréchet distance
+//! between two Gaussians on `faer` ([`frechet_distance`]; the method and its agreement with
+//! pytorch-fid are in its module), and the Kernel Inception Distance ([`kid`]: the unbiased MMD²
+//! with the cubic polynomial kernel over seeded subsets). Feature extraction (which needs a
+//! network) is `progdiff_stages::fid`.
 
 mod frechet;
+pub mod kid;
 mod npz;
 
 use std::path::PathBuf;
@@ -11,7 +15,8 @@ use std::path::PathBuf;
 pub use frechet::{
     MAX_IMAGINARY, SQRTM_EPS, frechet_distance, frechet_distance_with, trace_sqrt_product,
 };
-pub use npz::{read_stats, write_stats};
+pub use kid::{Kid, KidOptions, kernel_inception_distance};
+pub use npz::{read_features, read_stats, write_stats, write_stats_with_features};
 
 /// Why an FID could not be computed.
 #[derive(Debug, thiserror::Error)]
@@ -84,5 +89,44 @@ impl Statistics {
     /// Feature dimension `D`.
     pub fn dim(&self) -> usize {
         self.mu.len()
+    }
+}
+
+/// Feature vectors, `n` rows of dimension `dim` in float32 (what feature networks produce and
+/// what `.npz` files store as `features`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Features {
+    /// Row-major `[n, dim]`.
+    pub values: Vec<f32>,
+    /// Feature dimension.
+    pub dim: usize,
+}
+
+impl Features {
+    /// `n` rows of `dim` values; errors when `values` does not hold `n * dim`, or `dim` is 0.
+    pub fn new(values: Vec<f32>, n: usize, dim: usize) -> Result<Features, FidError> {
+        if dim == 0 || values.len() != n * dim {
+            return Err(FidError::Shape(format!(
+                "features must be [N, D] = [{n}, {dim}] with D >= 1, got {} values",
+                values.len()
+            )));
+        }
+        Ok(Features { values, dim })
+    }
+
+    /// Number of feature vectors.
+    pub fn len(&self) -> usize {
+        self.values.len() / self.dim
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.values.is_empty()
+    }
+
+    /// Their statistics ([`Statistics::from_features`], in float64).
+    pub fn statistics(&self) -> Result<Statistics, FidError> {
+        let rows: Vec<f64> = self.values.iter().map(|&v| v as f64).collect();
+        Statistics::from_features(&rows, self.len(), self.dim)
     }
 }

@@ -1,7 +1,8 @@
 //! `evaluate`: what turns a run into a row of the paper's Table 1 — samples from the model
 //! stage(s) it needs, with the progressive sampler when there is one model per timestep group,
-//! their FID against the dataset's reference statistics, the params and MACs averaged over the
-//! sampled timesteps, and the sampling wall time.
+//! their FID against the dataset's reference statistics and their KID against its reference
+//! features (both from the same feature vectors), the params and MACs averaged over the sampled
+//! timesteps, and the sampling wall time.
 //!
 //! Inputs (the stages it `needs`):
 //! - models: one upstream with `model.safetensors` / `ema.safetensors` (a `train` or `import`
@@ -11,11 +12,11 @@
 //!   one, `fid` is absent from the metrics.
 //!
 //! Outputs: `metrics.json` ([`EvaluateMetrics`]), `samples.png` (a grid of the first images)
-//! and, with an extractor, `samples.npz` (the samples' statistics in pytorch-fid's format, for
-//! `progdiff fid`).
+//! and, with an extractor, `samples.npz` (the samples' statistics in pytorch-fid's format and
+//! their feature vectors as `features`, for `progdiff fid`'s FID and KID).
 //!
 //! `samples: 0` is a cost-only evaluation: the models are loaded for their architectures and
-//! only `metrics.json` is written, with the averaged params and MACs (no FID, zero seconds).
+//! only `metrics.json` is written, with the averaged params and MACs (no FID or KID, zero seconds).
 //! It computes the paper's FLOPs and params columns without sampling, so it refuses an
 //! `fid-extractor` upstream rather than silently reporting no FID.
 
@@ -31,8 +32,9 @@ use crate::context::{StageContext, UpstreamOutputs};
 use crate::diffusion::{GaussianDiffusion, SampleOptions, Sampler};
 use crate::fid::stage::{MODULE_FILE, REFERENCE_FILE, SPEC_FILE, WEIGHTS_FILE};
 use crate::fid::{
-    Extractor, ExtractorSpec, Statistics, frechet_distance, read_stats, statistics_from_features,
-    write_stats,
+    Extractor, ExtractorSpec, Features, Statistics, features_from_tensor, frechet_distance,
+    kernel_inception_distance, read_features, read_stats, statistics_from_features,
+    write_stats_with_features,
 };
 use crate::image_io::write_png_grid;
 use crate::sample::{ModelSet, SampleConfig, load_unet, parse_device, sample_batches};
@@ -65,6 +67,7 @@ pub fn run(ctx: &StageContext, inputs: &EvaluateInputs) -> anyhow::Result<()> {
         samples: params.samples,
         sample_steps: diffusion.num_timesteps(),
         fid: sampled.fid,
+        kid: sampled.kid,
         extractor: sampled.extractor.map(str::to_string),
         params: cost.params,
         macs: cost.macs,
@@ -75,6 +78,7 @@ pub fn run(ctx: &StageContext, inputs: &EvaluateInputs) -> anyhow::Result<()> {
     };
     tracing::info!(
         fid = ?metrics.fid,
+        kid = ?metrics.kid.as_ref().map(|k| k.mean),
         params = metrics.params,
         macs = metrics.macs,
         seconds = metrics.sampling_seconds,
@@ -89,6 +93,7 @@ pub fn run(ctx: &StageContext, inputs: &EvaluateInputs) -> anyhow::Result<()> {
 #[derive(Default)]
 struct Sampled {
     fid: Option<f64>,
+    kid: Option<crate::fid::Kid>,
     /// The FID extractor's kind.
     extractor: Option<&'static str>,
     sampling_seconds: f64,
@@ -133,9 +138,9 @@ fn sample_and_score(
             grid.push(images.narrow(0, 0, take as i64));
             kept += take;
         }
-        if let Some((e, _, _)) = &extractor {
+        if let Some(e) = &extractor {
             let t = Instant::now();
-            features.push(e.features_batch(images)?);
+            features.push(e.extractor.features_batch(images)?);
             fid_seconds += t.elapsed().as_secs_f64();
         }
         Ok(())
@@ -145,20 +150,27 @@ fn sample_and_score(
         let columns = (kept as f64).sqrt().ceil() as usize;
         write_png_grid(&Tensor::cat(&grid, 0), &ctx.out_dir.join(GRID_FILE), columns.max(1))?;
     }
-    let fid = match &extractor {
-        None => None,
-        Some((_, reference, _)) => {
+    let (fid, kid) = match &extractor {
+        None => (None, None),
+        Some(e) => {
             let t = Instant::now();
-            let stats = statistics_from_features(&Tensor::cat(&features, 0))?;
-            write_stats(&stats, &ctx.out_dir.join(STATS_FILE))?;
-            let fid = frechet_distance(&stats, reference)?;
+            let features = Tensor::cat(&features, 0); // [N, D]
+            let stats = statistics_from_features(&features)?;
+            let features = features_from_tensor(&features)?;
+            write_stats_with_features(&stats, Some(&features), &ctx.out_dir.join(STATS_FILE))?;
+            let fid = frechet_distance(&stats, &e.reference)?;
+            let kid = match &e.reference_features {
+                Some(r) => Some(kernel_inception_distance(&features, r, &params.kid)?),
+                None => None,
+            };
             fid_seconds += t.elapsed().as_secs_f64();
-            Some(fid)
+            (Some(fid), kid)
         }
     };
     Ok(Sampled {
         fid,
-        extractor: extractor.map(|(_, _, kind)| kind),
+        kid,
+        extractor: extractor.as_ref().map(|e| e.kind),
         sampling_seconds,
         fid_seconds,
     })
@@ -222,11 +234,20 @@ fn load_models(
     }
 }
 
-/// The extractor of an `fid-extractor` upstream, its reference statistics and its kind.
-fn load_extractor(
-    u: &UpstreamOutputs,
-    device: tch::Device,
-) -> anyhow::Result<(Extractor, Statistics, &'static str)> {
+/// An `fid-extractor` upstream's extractor and what it measured of the dataset.
+struct LoadedExtractor {
+    extractor: Extractor,
+    /// The dataset's statistics (FID).
+    reference: Statistics,
+    /// The dataset's feature vectors (KID), when the stage stored them.
+    reference_features: Option<Features>,
+    /// `torchscript` or `classifier`.
+    kind: &'static str,
+}
+
+/// The extractor of an `fid-extractor` upstream, its reference statistics and features, and
+/// its kind.
+fn load_extractor(u: &UpstreamOutputs, device: tch::Device) -> anyhow::Result<LoadedExtractor> {
     let spec: ExtractorSpec = serde_json::from_slice(&std::fs::read(u.file(SPEC_FILE)?)?)
         .with_context(|| format!("reading `{SPEC_FILE}` of `{}`", u.id))?;
     let (file, kind) = match spec {
@@ -235,5 +256,6 @@ fn load_extractor(
     };
     let extractor = Extractor::load(&spec, file, device)?;
     let reference = read_stats(u.file(REFERENCE_FILE)?)?;
-    Ok((extractor, reference, kind))
+    let reference_features = read_features(u.file(REFERENCE_FILE)?)?;
+    Ok(LoadedExtractor { extractor, reference, reference_features, kind })
 }

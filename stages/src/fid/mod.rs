@@ -3,8 +3,9 @@
 //! dataset's reference statistics.
 //!
 //! - [`Statistics`], [`frechet_distance`] (on faer, pytorch-fid's `1e-6 * I` retry and
-//!   imaginary-part check) and the `.npz` files ([`read_stats`] / [`write_stats`]) are the
-//!   torch-free `progdiff_kinds::fid`, re-exported; [`statistics_from_features`] computes
+//!   imaginary-part check), KID ([`kernel_inception_distance`]) and the `.npz` files
+//!   ([`read_stats`] / [`write_stats_with_features`], which also hold the feature vectors) are
+//!   the torch-free `progdiff_kinds::fid`, re-exported; [`statistics_from_features`] computes
 //!   statistics from a feature tensor on any device.
 //! - [`Extractor`]: a TorchScript module (pytorch-fid's InceptionV3, exported by the user) or a
 //!   [`Classifier`] progdiff trains on the dataset ([`stage`]).
@@ -19,8 +20,9 @@ pub use classifier::{Classifier, ClassifierConfig, rotate_quarters};
 pub use extractor::{Extractor, ExtractorSpec};
 pub use folder::load_folder;
 pub use progdiff_kinds::fid::{
-    FidError, MAX_IMAGINARY, SQRTM_EPS, Statistics, frechet_distance, frechet_distance_with,
-    read_stats, trace_sqrt_product, write_stats,
+    Features, FidError, Kid, KidOptions, MAX_IMAGINARY, SQRTM_EPS, Statistics, frechet_distance,
+    frechet_distance_with, kernel_inception_distance, read_features, read_stats,
+    trace_sqrt_product, write_stats, write_stats_with_features,
 };
 pub use progdiff_kinds::fid_extractor::{INCEPTION_SIZE, Target};
-pub use stats::statistics_from_features;
+pub use stats::{features_from_tensor, statistics_from_features};

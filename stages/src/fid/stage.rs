@@ -5,7 +5,7 @@
 //!
 //! Outputs: `extractor.json` ([`ExtractorSpec`]), the extractor itself (`extractor.pt`, a copy of
 //! the TorchScript module, or `classifier.safetensors`) and `reference.npz` (pytorch-fid's
-//! format).
+//! format, with the dataset's feature vectors as `features` for KID).
 
 use anyhow::Context as _;
 use tch::{Kind, Tensor};
@@ -13,8 +13,8 @@ use tch::{Kind, Tensor};
 pub use progdiff_kinds::fid_extractor::*;
 
 use super::{
-    Classifier, ClassifierConfig, Extractor, ExtractorSpec, rotate_quarters,
-    statistics_from_features, write_stats,
+    Classifier, ClassifierConfig, Extractor, ExtractorSpec, features_from_tensor, rotate_quarters,
+    statistics_from_features, write_stats_with_features,
 };
 use crate::context::StageContext;
 use crate::data::Dataset;
@@ -57,8 +57,10 @@ pub fn run(ctx: &StageContext, inputs: &FidExtractorInputs) -> anyhow::Result<()
         let x = dataset.batch_unaugmented(&idx)?; // [B, C, H, W] in [-1, 1]
         features.push(extractor.features_batch(&to_uint8(&x))?);
     }
-    let stats = statistics_from_features(&Tensor::cat(&features, 0))?;
-    write_stats(&stats, &ctx.out_dir.join(REFERENCE_FILE))?;
+    let features = Tensor::cat(&features, 0); // [N, D]
+    let stats = statistics_from_features(&features)?;
+    let features = features_from_tensor(&features)?;
+    write_stats_with_features(&stats, Some(&features), &ctx.out_dir.join(REFERENCE_FILE))?;
     Ok(())
 }
 

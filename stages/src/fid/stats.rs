@@ -3,7 +3,19 @@
 
 use tch::{Device, Kind, Tensor};
 
-use super::{FidError, Statistics};
+use super::{Features, FidError, Statistics};
+
+/// A `[N, D]` feature tensor (any float kind, any device) as float32 [`Features`] on the host,
+/// the form `.npz` files store and KID reads.
+pub fn features_from_tensor(features: &Tensor) -> Result<Features, FidError> {
+    let size = features.size();
+    let [n, d] = size[..] else {
+        return Err(FidError::Shape(format!("features must be [N, D], got {size:?}")));
+    };
+    let t = features.to_device(Device::Cpu).to_kind(Kind::Float).contiguous().view([-1]);
+    let values = Vec::<f32>::try_from(&t).map_err(|e| FidError::Tensor(e.to_string()))?;
+    Features::new(values, n as usize, d as usize)
+}
 
 /// The statistics of features `[N, D]` (any float kind, any device): float64 mean and
 /// covariance with ddof 1, as pytorch-fid's `calculate_activation_statistics`.
