@@ -84,6 +84,9 @@ pub struct Remote {
     /// Digests found corrupt remotely: uploaded again even though the remote has an object of
     /// that name.
     bad: Mutex<BTreeSet<Digest>>,
+    /// For an HTTP (WebDAV) remote: a client and the base URL (ending in `/`), for the streamed
+    /// uploads of large objects that object_store's HTTP store cannot do in parts.
+    http: Option<(reqwest012::Client, url::Url)>,
 }
 
 impl std::fmt::Debug for Remote {
@@ -95,10 +98,22 @@ impl std::fmt::Debug for Remote {
 impl Remote {
     /// Opens the remote cache at `url` (see the module documentation for the schemes).
     pub fn open(url: &str) -> anyhow::Result<Remote> {
-        let parsed = url::Url::parse(url).with_context(|| {
-            format!("remote cache `{url}` is not a URL (s3://, gs://, az://, http(s)://)")
+        let parsed = url::Url::parse(url).map_err(|_| {
+            anyhow::anyhow!(
+                "remote cache `{}` is not a URL (s3://, gs://, az://, http(s)://)",
+                clean(url)
+            )
         })?;
+        // The URL travels in job descriptions and messages: no secrets in it.
+        anyhow::ensure!(
+            parsed.username().is_empty() && parsed.password().is_none() && parsed.query().is_none(),
+            "remote cache `{}`: the URL carries credentials (`user:password@` or a query); give \
+             them the standard way instead (AWS_* variables or ~/.aws for s3://, \
+             GOOGLE_APPLICATION_CREDENTIALS for gs://, AZURE_STORAGE_* for az://)",
+            clean(url)
+        );
         let prefix_of = |u: &url::Url| ObjPath::from(u.path().trim_matches('/'));
+        let mut http = None;
         let (store, prefix): (Arc<dyn ObjectStore>, ObjPath) = match parsed.scheme() {
             "s3" | "s3a" => {
                 let mut b = object_store::aws::AmazonS3Builder::from_env().with_url(url);
@@ -132,6 +147,14 @@ impl Remote {
                     .with_client_options(object_store::ClientOptions::new().with_allow_http(true))
                     .build()
                     .map_err(|e| anyhow::anyhow!(clean(&e.to_string())))?;
+                let mut base = parsed.clone();
+                if !base.path().ends_with('/') {
+                    base.set_path(&format!("{}/", base.path()));
+                }
+                let client = reqwest012::Client::builder()
+                    .build()
+                    .map_err(|e| anyhow::anyhow!(clean(&e.to_string())))?;
+                http = Some((client, base));
                 (Arc::new(store), ObjPath::default())
             }
             other => anyhow::bail!(
@@ -144,7 +167,7 @@ impl Remote {
             .enable_all()
             .build()
             .context("starting the remote cache's I/O runtime")?;
-        Ok(Remote { url: url.to_string(), store, prefix, rt, bad: Mutex::default() })
+        Ok(Remote { url: url.to_string(), store, prefix, rt, bad: Mutex::default(), http })
     }
 
     /// The remote named by `--remote`, `PROGDIFF_REMOTE` or the profile, if any.
@@ -300,10 +323,32 @@ impl Remote {
         progress: &dyn Fn(u64),
     ) -> anyhow::Result<Pushed> {
         self.rt.block_on(async {
+            let ours: BTreeSet<Digest> = record.outputs.values().map(|o| o.digest).collect();
+            let is_bad =
+                |d: &Digest| self.bad.lock().unwrap_or_else(|e| e.into_inner()).contains(d);
+            let mut replace = false;
             if let Some(theirs) = self.record_async(&record.key).await?
                 && self.complete_async(&theirs).await?
             {
-                return self.adopt(cache, record, theirs, progress).await;
+                // The remote's record names an object found corrupt here that this machine
+                // cannot repair (its result has other bytes: a stage that is not
+                // bit-reproducible): the record is replaced by this machine's.
+                replace =
+                    theirs.outputs.values().any(|o| is_bad(&o.digest) && !ours.contains(&o.digest));
+                if !replace {
+                    // Repair what this machine found corrupt and holds sound, then adopt.
+                    for o in theirs.outputs.values().filter(|o| is_bad(&o.digest)) {
+                        self.upload(
+                            &cache.object_path(&o.digest),
+                            &self.cas(&o.digest),
+                            o.size,
+                            progress,
+                        )
+                        .await?;
+                        self.bad.lock().unwrap_or_else(|e| e.into_inner()).remove(&o.digest);
+                    }
+                    return self.adopt(cache, record, theirs, progress).await;
+                }
             }
             let mut objects = 0;
             let mut bytes = 0;
@@ -326,6 +371,13 @@ impl Remote {
                 bytes += o.size;
             }
             let json = encode_record(record)?;
+            if replace {
+                self.store
+                    .put(&self.ac(&record.key), PutPayload::from(json))
+                    .await
+                    .map_err(|e| self.err("replacing a record", e))?;
+                return Ok(Pushed::Created { objects, bytes });
+            }
             match self.create(&self.ac(&record.key), json).await? {
                 true => Ok(Pushed::Created { objects, bytes }),
                 false => {
@@ -370,26 +422,8 @@ impl Remote {
         // WebDAV: write a unique temporary name, then copy it without overwriting (`Overwrite:
         // F`). A copy needs the destination's collection: a `PUT` creates it (servers like
         // nginx's `create_full_put_path`), so the first record goes there through a marker.
-        let marker = ObjPath::from_iter(
-            path.parts()
-                .take(path.parts().count().saturating_sub(1))
-                .chain(std::iter::once(object_store::path::PathPart::from(".created"))),
-        );
-        if self.store.head(&marker).await.is_err() {
-            self.store
-                .put(&marker, PutPayload::from_static(b"progdiff"))
-                .await
-                .map_err(|e| self.err("creating the records' directory", e))?;
-        }
-        let tmp = self.prefix.clone().join("tmp").join(format!(
-            "{}.{}.{}",
-            path.filename().unwrap_or("record"),
-            std::process::id(),
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos())
-                .unwrap_or(0)
-        ));
+        self.ensure_collection(path).await?;
+        let tmp = self.temporary(path);
         self.store
             .put(&tmp, PutPayload::from(bytes))
             .await
@@ -401,6 +435,123 @@ impl Remote {
         };
         let _ = self.store.delete(&tmp).await;
         created
+    }
+
+    /// Makes sure the collection (directory) that will hold `path` exists, for servers where a
+    /// `COPY`/`MOVE` needs it: a `PUT` of a small marker creates it (nginx's
+    /// `create_full_put_path`).
+    async fn ensure_collection(&self, path: &ObjPath) -> anyhow::Result<()> {
+        let marker = ObjPath::from_iter(
+            path.parts()
+                .take(path.parts().count().saturating_sub(1))
+                .chain(std::iter::once(object_store::path::PathPart::from(".created"))),
+        );
+        if self.store.head(&marker).await.is_err() {
+            self.store
+                .put(&marker, PutPayload::from_static(b"progdiff"))
+                .await
+                .map_err(|e| self.err("creating a directory", e))?;
+        }
+        Ok(())
+    }
+
+    /// A unique temporary name under `<prefix>/tmp/` for `path`.
+    fn temporary(&self, path: &ObjPath) -> ObjPath {
+        self.prefix.clone().join("tmp").join(format!(
+            "{}.{}.{}",
+            path.filename().unwrap_or("object"),
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(0)
+        ))
+    }
+
+    /// Uploads a large file to an HTTP (WebDAV) remote as one streamed `PUT` to a temporary
+    /// name, then `MOVE`s it into place: an interrupted upload leaves nothing under `cas/`.
+    async fn upload_http(
+        &self,
+        client: &reqwest012::Client,
+        base: &url::Url,
+        file: &Path,
+        path: &ObjPath,
+        progress: &dyn Fn(u64),
+    ) -> anyhow::Result<()> {
+        use std::io::Read as _;
+        let net = |what: &str, e: reqwest012::Error| {
+            anyhow::anyhow!(
+                "remote cache `{}`: {what}: {}",
+                self.url,
+                clean(&e.without_url().to_string())
+            )
+        };
+        self.ensure_collection(path).await?;
+        let tmp = self.temporary(path);
+        self.ensure_collection(&tmp).await?;
+        let url_of =
+            |p: &ObjPath| base.join(p.as_ref()).expect("an object path is a valid URL path");
+        let f =
+            std::fs::File::open(file).with_context(|| format!("reading `{}`", file.display()))?;
+        let (tx, mut rx) = futures::channel::mpsc::unbounded::<u64>();
+        let chunks = futures::stream::unfold(Some(f), move |f| {
+            let tx = tx.clone();
+            async move {
+                let mut f = f?;
+                let mut buf = vec![0u8; 1 << 20];
+                match f.read(&mut buf) {
+                    Ok(0) => None,
+                    Ok(n) => {
+                        buf.truncate(n);
+                        let _ = tx.unbounded_send(n as u64);
+                        Some((Ok::<_, std::io::Error>(bytes::Bytes::from(buf)), Some(f)))
+                    }
+                    Err(e) => Some((Err(e), None)),
+                }
+            }
+        });
+        let send = client.put(url_of(&tmp)).body(reqwest012::Body::wrap_stream(chunks)).send();
+        futures::pin_mut!(send);
+        let response = loop {
+            match futures::future::select(send, rx.next()).await {
+                futures::future::Either::Left((r, _)) => break r,
+                futures::future::Either::Right((n, rest)) => {
+                    progress(n.unwrap_or(0));
+                    send = rest;
+                }
+            }
+        };
+        while let Ok(n) = rx.try_recv() {
+            progress(n);
+        }
+        let status = response.map_err(|e| net("uploading an object", e))?.status();
+        anyhow::ensure!(
+            status.is_success(),
+            "remote cache `{}`: uploading an object: the server answered {status}",
+            self.url
+        );
+        let moved = client
+            .request(reqwest012::Method::from_bytes(b"MOVE").expect("a method name"), url_of(&tmp))
+            .header("Destination", url_of(path).as_str())
+            .header("Overwrite", "T")
+            .send()
+            .await;
+        let status = match moved {
+            Ok(r) => r.status(),
+            Err(e) => {
+                let _ = self.store.delete(&tmp).await;
+                return Err(net("moving an uploaded object into place", e));
+            }
+        };
+        if !status.is_success() {
+            let _ = self.store.delete(&tmp).await;
+            anyhow::bail!(
+                "remote cache `{}`: moving an uploaded object into place: the server answered \
+                 {status}",
+                self.url
+            );
+        }
+        Ok(())
     }
 
     /// Uploads a file: in parts when large (nothing is visible until the last part is in).
@@ -424,6 +575,9 @@ impl Remote {
                 .map_err(|e| self.err("uploading an object", e))?;
             progress(n);
             return Ok(());
+        }
+        if let Some((client, base)) = &self.http {
+            return self.upload_http(client, base, file, path, progress).await;
         }
         let upload =
             self.store.put_multipart(path).await.map_err(|e| self.err("uploading an object", e))?;

@@ -9,6 +9,7 @@ mod hostile;
 mod integrity;
 mod manifests;
 mod prune;
+mod remote;
 mod seeds;
 mod slurm;
 mod sweep;
