@@ -104,7 +104,7 @@ impl Cache {
                     return Ok(Some(self.start_heartbeat(path, owner, ttl)));
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                    if !self.break_if_stale(&path, check)? {
+                    if !self.break_if_stale(&path, owner.slurm_job.as_deref(), check)? {
                         return Ok(None);
                     }
                 }
@@ -118,7 +118,12 @@ impl Cache {
     /// (or the file vanished meanwhile). Breakers exclude each other with a `.breaking` file
     /// created exclusively, and judge the lease again while holding it, so a fresh lease that
     /// replaced a stale one is never removed by a second breaker.
-    fn break_if_stale(&self, path: &std::path::Path, check: &OwnerCheck) -> Result<bool> {
+    fn break_if_stale(
+        &self,
+        path: &std::path::Path,
+        own_job: Option<&str>,
+        check: &OwnerCheck,
+    ) -> Result<bool> {
         let guard = path.with_extension("lease.breaking");
         match OpenOptions::new().write(true).create_new(true).open(&guard) {
             Ok(_) => {}
@@ -131,18 +136,39 @@ impl Cache {
             }
             Err(e) => return Err(io_err("create", &guard)(e)),
         }
-        let result = self.judge_and_remove(path, check);
+        let result = self.judge_and_remove(path, own_job, check);
         let _ = fs::remove_file(&guard);
         result
     }
 
-    fn judge_and_remove(&self, path: &std::path::Path, check: &OwnerCheck) -> Result<bool> {
+    fn judge_and_remove(
+        &self,
+        path: &std::path::Path,
+        own_job: Option<&str>,
+        check: &OwnerCheck,
+    ) -> Result<bool> {
         let owner: Option<LeaseOwner> =
             fs::read(path).ok().and_then(|b| serde_json::from_slice(&b).ok());
         let stale = match owner {
             // Vanished, or being written right now (created but not yet filled): an empty or
             // garbled file older than a minute is stale.
             None => age(path).is_none_or(|a| a > Duration::from_secs(60)),
+            // An earlier run of this very Slurm job (requeued after its worker was killed
+            // before it could let go): Slurm runs one incarnation of a job at a time, so that
+            // holder is dead, although its job is in the queue (it is this one).
+            Some(owner)
+                if own_job.is_some()
+                    && owner.slurm_job.as_deref() == own_job
+                    && (owner.host != crate::host_name() || owner.pid != std::process::id()) =>
+            {
+                warn!(
+                    path = %path.display(),
+                    job = ?owner.slurm_job,
+                    pid = owner.pid,
+                    "breaking the lease of an earlier run of this Slurm job"
+                );
+                true
+            }
             Some(owner) if owner.expires > now_s() => false,
             Some(owner) => {
                 let alive = if owner.host == crate::host_name() && owner.slurm_job.is_none() {

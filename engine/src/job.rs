@@ -30,6 +30,10 @@ use crate::plan::{MISSING_INPUT, Plan, stage_name};
 /// Version of the job description format.
 pub const JOB_FORMAT: u32 = 1;
 
+/// What the worker logs when it took the result from the remote cache (the Slurm backend reads
+/// it back from the log to report `hit (remote)`).
+pub const DOWNLOADED: &str = "downloaded from the remote cache";
+
 /// One stage instance, as a worker runs it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Job {
@@ -350,7 +354,7 @@ pub fn execute(
                 let n = bytes.load(std::sync::atomic::Ordering::Relaxed);
                 tracing::info!(
                     stage = %job.id,
-                    "downloaded from the remote cache ({n} bytes in {:.1}s)",
+                    "{DOWNLOADED} ({n} bytes in {:.1}s)",
                     t.elapsed().as_secs_f64()
                 );
                 clear_work_dir(cache, &key, &job.id);

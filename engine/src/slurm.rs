@@ -511,8 +511,11 @@ pub fn run(plan: &Plan, cache: &Cache, opts: &SlurmOptions, cancel: &CancelToken
                         match complete_record(cache, &stage.key) {
                             Ok(Some(r)) => {
                                 set_refs(cache, stage);
-                                let mut o = outcome(stage, RunStatus::Ran, outputs_of(cache, &r));
-                                o.seconds = r.meta.duration_s;
+                                let remote = downloaded(cache, &stage.key);
+                                let status = if remote { RunStatus::Hit } else { RunStatus::Ran };
+                                let mut o = outcome(stage, status, outputs_of(cache, &r));
+                                o.remote = remote;
+                                o.seconds = if remote { 0.0 } else { r.meta.duration_s };
                                 o.device = Some(format!("slurm job {}", w.job));
                                 o.log = Some(cache.log_path(&stage.key));
                                 tracing::info!("{}: ran (Slurm job {})", stage.id, w.job);
@@ -800,6 +803,22 @@ fn submit_group(
             }
         }
     }
+}
+
+/// Whether the job's worker found the result in the remote cache rather than computing it: its
+/// log's last attempt (after the script's last `=== ... slurm job` line) says it downloaded.
+fn downloaded(cache: &Cache, key: &Digest) -> bool {
+    use std::io::{Read as _, Seek as _};
+    let Ok(mut f) = std::fs::File::open(cache.log_path(key)) else { return false };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let _ = f.seek(std::io::SeekFrom::Start(len.saturating_sub(64 * 1024)));
+    let mut tail = Vec::new();
+    if f.take(64 * 1024).read_to_end(&mut tail).is_err() {
+        return false;
+    }
+    let tail = String::from_utf8_lossy(&tail);
+    let last = tail.rfind("\n=== ").map_or(&tail[..], |i| &tail[i..]);
+    last.contains(crate::job::DOWNLOADED)
 }
 
 fn judge(

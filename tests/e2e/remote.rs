@@ -261,8 +261,11 @@ fn outcomes(v: &serde_json::Value) -> Vec<(String, String, bool, String)> {
         .collect()
 }
 
+/// An instance's output files: (name, bytes).
+type Files = Vec<(String, Vec<u8>)>;
+
 /// Output name -> bytes, per instance.
-fn outputs(v: &serde_json::Value) -> Vec<(String, Vec<(String, Vec<u8>)>)> {
+fn outputs(v: &serde_json::Value) -> Vec<(String, Files)> {
     v["stages"]
         .as_array()
         .unwrap()

@@ -143,14 +143,26 @@ fn exec(
             cancel.cancel();
         }
     }
-    let handler = cancel.clone();
-    let _ = ctrlc::set_handler(move || {
-        if handler.is_cancelled() {
-            std::process::exit(i32::from(EXIT_INTERRUPTED));
+    // SIGINT/SIGTERM/SIGHUP: stop at the next safe point (training saves its resume state).
+    // Only a second SIGINT (Ctrl-C twice) leaves at once, through `_exit`: exiting normally
+    // while another thread is inside libtorch crashes in its destructors. Repeated SIGTERMs are
+    // the same request (Slurm signals every process of a job, and the batch script forwards).
+    {
+        use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+        if let Ok(mut signals) = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP]) {
+            let handler = cancel.clone();
+            std::thread::spawn(move || {
+                for signal in signals.forever() {
+                    if !handler.is_cancelled() {
+                        tracing::warn!("interrupted: stopping at the next safe point");
+                        handler.cancel();
+                    } else if signal == SIGINT {
+                        signal_hook::low_level::exit(i32::from(EXIT_INTERRUPTED));
+                    }
+                }
+            });
         }
-        tracing::warn!("interrupted: stopping at the next safe point");
-        handler.cancel();
-    });
+    }
     // SIGUSR2: Slurm's warning before a time limit or preemption. Stop like Ctrl-C (training
     // saves its resume state), then ask the batch script to requeue the job.
     let requeue = Arc::new(std::sync::atomic::AtomicBool::new(false));

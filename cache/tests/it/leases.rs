@@ -88,6 +88,30 @@ fn a_slurm_owner_is_judged_by_the_queue() {
 }
 
 #[test]
+fn a_requeued_job_breaks_the_lease_its_killed_earlier_run_left() {
+    let (_d, c) = cache();
+    let ttl = Duration::from_secs(60);
+    // Job 12's first run was killed holding the lease (not expired, and job 12 is in the queue:
+    // it is the requeued run itself).
+    let key = hash_bytes(b"requeued");
+    plant(
+        &c,
+        &key,
+        &LeaseOwner {
+            host: "node7".into(),
+            pid: 42,
+            slurm_job: Some("12".into()),
+            expires: u64::MAX,
+        },
+    );
+    let in_queue = |o: &LeaseOwner| Some(o.slurm_job.as_deref() == Some("12"));
+    assert!(c.try_lease(&key, Some("13".into()), ttl, &in_queue).unwrap().is_none(), "another job");
+    assert!(c.try_lease(&key, None, ttl, &in_queue).unwrap().is_none(), "not a Slurm job");
+    let lease = c.try_lease(&key, Some("12".into()), ttl, &in_queue).unwrap();
+    assert!(lease.is_some(), "job 12's new run takes over from its dead earlier run");
+}
+
+#[test]
 fn contenders_for_a_stale_lease_never_hold_it_together() {
     use std::sync::atomic::{AtomicUsize, Ordering};
     let (_d, c) = cache();
