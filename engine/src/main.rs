@@ -123,6 +123,9 @@ enum Command {
         manifest: PathBuf,
         /// Only these instances and what they need (as for `run`)
         targets: Vec<String>,
+        /// Only these stages (and what they need); the same as naming them as targets
+        #[arg(long = "stage", value_name = "STAGE")]
+        stages: Vec<String>,
         /// Only this sweep variant's instances
         #[arg(long, value_name = "NAME")]
         variant: Option<String>,
@@ -136,6 +139,9 @@ enum Command {
         manifest: PathBuf,
         /// Only these instances and what they need (as for `run`)
         targets: Vec<String>,
+        /// Only these stages (and what they need); the same as naming them as targets
+        #[arg(long = "stage", value_name = "STAGE")]
+        stages: Vec<String>,
         /// Only this sweep variant's instances
         #[arg(long, value_name = "NAME")]
         variant: Option<String>,
@@ -472,6 +478,11 @@ fn real_main(cli: Cli) -> anyhow::Result<u8> {
                     progdiff::slurm::run(&p, &cache, &opts, &cancel)
                 }
             };
+            if let Some(url) =
+                opts.remote.as_deref().filter(|_| opts.upload && !summary.interrupted)
+            {
+                upload_missing(url, &cache, &summary);
+            }
             if *json {
                 serde_json::to_writer_pretty(&mut out, &summary)?;
                 writeln!(out)?;
@@ -486,11 +497,13 @@ fn real_main(cli: Cli) -> anyhow::Result<u8> {
                 EXIT_FAILED
             })
         }
-        Command::Push { manifest, targets, variant, parallel } => {
-            transfer(&cli, &mut out, manifest, targets, variant, *parallel, true)
+        Command::Push { manifest, targets, stages, variant, parallel } => {
+            let targets: Vec<String> = targets.iter().chain(stages).cloned().collect();
+            transfer(&cli, &mut out, manifest, &targets, variant, *parallel, true)
         }
-        Command::Pull { manifest, targets, variant, parallel } => {
-            transfer(&cli, &mut out, manifest, targets, variant, *parallel, false)
+        Command::Pull { manifest, targets, stages, variant, parallel } => {
+            let targets: Vec<String> = targets.iter().chain(stages).cloned().collect();
+            transfer(&cli, &mut out, manifest, &targets, variant, *parallel, false)
         }
         Command::Log { manifest, stage, variant } => {
             let exp = Experiment::load(manifest)?;
@@ -1125,6 +1138,40 @@ fn remote_for(cli: &Cli, manifest: &std::path::Path) -> anyhow::Result<Remote> {
     Remote::configured(cli.remote.as_deref(), profile.remote.as_deref())?.context(
         "no remote cache: pass `--remote URL`, set PROGDIFF_REMOTE, or add `remote:` to the profile",
     )
+}
+
+/// After a run: uploads the local hits the remote lacks (an earlier upload was interrupted, or
+/// the results were computed without `--remote`), so that a run always leaves the remote
+/// holding what it used. One `HEAD` per hit, many at a time; failures are warnings.
+fn upload_missing(url: &str, cache: &Cache, summary: &executor::RunSummary) {
+    let hits: Vec<&executor::StageOutcome> = summary
+        .stages
+        .iter()
+        .filter(|s| s.status == executor::RunStatus::Hit && !s.remote)
+        .collect();
+    if hits.is_empty() {
+        return;
+    }
+    let result = (|| -> anyhow::Result<usize> {
+        let remote = Remote::open(url)?;
+        let keys: Vec<progdiff_cache::Digest> =
+            hits.iter().filter_map(|s| s.key.parse().ok()).collect();
+        let mut uploaded = 0;
+        for key in remote.missing_records(&keys)? {
+            let Some(record) = cache.complete_record(&key)? else { continue };
+            if let progdiff::remote::Pushed::Created { .. } =
+                remote.push(cache, &record, &|_| {})?
+            {
+                uploaded += 1;
+            }
+        }
+        Ok(uploaded)
+    })();
+    match result {
+        Ok(0) => {}
+        Ok(n) => eprintln!("uploaded {n} cached results the remote cache lacked"),
+        Err(e) => eprintln!("warning: uploading cached results to the remote cache: {e:#}"),
+    }
 }
 
 /// `push`/`pull`: every instance of the plan (with its upstreams), `parallel` at a time, with a

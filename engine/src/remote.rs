@@ -232,6 +232,23 @@ impl Remote {
         Ok(true)
     }
 
+    /// The keys among `keys` that have no record remotely (`HEAD`s, 16 at a time).
+    pub fn missing_records(&self, keys: &[Digest]) -> anyhow::Result<Vec<Digest>> {
+        self.rt.block_on(async {
+            let checks = futures::stream::iter(keys.iter().map(|k| async move {
+                match self.store.head(&self.ac(k)).await {
+                    Ok(_) => Ok(None),
+                    Err(object_store::Error::NotFound { .. }) => Ok(Some(*k)),
+                    Err(e) => Err(self.err("checking a record", e)),
+                }
+            }))
+            .buffer_unordered(16)
+            .collect::<Vec<_>>()
+            .await;
+            checks.into_iter().filter_map(Result::transpose).collect()
+        })
+    }
+
     /// Whether the remote has a complete result for `key` (for `plan`).
     pub fn has(&self, key: &Digest) -> anyhow::Result<bool> {
         self.rt.block_on(async {

@@ -344,6 +344,8 @@ fn webdav_a_second_machine_gets_every_result_as_a_verified_remote_hit() {
     assert!(cas.len() >= 5, "{cas:?}");
     let tmp = std::fs::read_dir(dav.file("tmp")).map(|d| d.count()).unwrap_or(0);
     assert!(tmp <= 1, "temporary uploads left behind: {tmp}"); // the `.created` marker
+    let leaked = files_containing(dav.root.as_ref().unwrap().path(), CANARY.as_bytes());
+    assert!(leaked.is_empty(), "the secret is on the remote: {leaked:?}");
 }
 
 /// Flips one byte of a remote object. The next machine must not use it: the instance is
@@ -428,6 +430,12 @@ fn concurrent_runs_create_the_record_once_and_both_adopt_it() {
     let vb = b.run_ok(&["run", "--json", "m.yaml"]);
     // ... and both now hold the remote's one result.
     assert_eq!(outputs(&va), outputs(&vb), "both machines use the one remote record");
+    // Exactly one of them won the record's creation; the other adopted it.
+    let adopted: Vec<bool> = [&a, &b]
+        .iter()
+        .map(|m| stdout(&m.run(&["log", "m.yaml", "r"])).contains("published this key first"))
+        .collect();
+    assert_eq!(adopted.iter().filter(|x| **x).count(), 1, "{adopted:?}");
     let c = Machine::new(&s3, s3.s3_url(), text);
     let vc = c.run_ok(&["run", "--json", "m.yaml"]);
     assert!(outcomes(&vc)[0].2, "{vc:#}");
@@ -475,8 +483,12 @@ fn a_push_killed_mid_upload_leaves_no_record_and_the_next_push_works() {
             assert_eq!(visible, 0, "a partial object is visible under cas/");
         }
 
-        let out = a.run(&["push", "m.yaml"]);
+        // The next run (all local hits) uploads what the remote lacks.
+        let out = a.run(&["run", "m.yaml"]);
         assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
+        assert!(stderr(&out).contains("uploaded 3 cached results"), "{}", stderr(&out));
+        let out = a.run(&["push", "m.yaml", "--stage", "blob"]);
+        assert!(stdout(&out).contains("there   blob"), "{}", stdout(&out));
         let pull = probe.run(&["pull", "m.yaml"]);
         assert!(pull.status.success(), "{}\n{}", stdout(&pull), stderr(&pull));
         let vp = probe.run_ok(&["run", "--json", "m.yaml"]);
