@@ -211,5 +211,5 @@ stages:
     let macs = pruned["macs"].as_f64().unwrap();
     assert!(macs < 30_986_240.0 && macs > 0.5 * 30_986_240.0, "{pruned}");
     let md = stdout(&p.run(&["report", "cost.yaml"]));
-    assert!(md.contains("| base | eval_base | - | 30.99M |"), "{md}");
+    assert!(md.contains("| base | eval_base | - | - | 30.99M |"), "{md}"); // no FID, no KID
 }
