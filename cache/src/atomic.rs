@@ -30,7 +30,7 @@ impl Cache {
     }
 
     /// A fresh temp file in `tmp/` for a download (deleted when the guard drops unless moved into
-    /// the store with [`put_file_move`](Cache::put_file_move)).
+    /// the store with [`put_downloaded`](Cache::put_downloaded)).
     pub fn download_file(&self) -> Result<(File, TempPath)> {
         self.temp_file("download")
     }

@@ -108,6 +108,16 @@ impl Cache {
         Ok(ObjectRef { digest, size })
     }
 
+    /// Publishes a file made by [`download_file`](Cache::download_file) whose bytes the caller
+    /// hashed as it wrote them (a remote cache's download, verified against `digest`): no
+    /// second read of a large object. The file is fsynced and renamed into place.
+    pub fn put_downloaded(&self, temp: TempPath, digest: &Digest) -> Result<ObjectRef> {
+        let size = fs::metadata(&temp).map_err(io_err("read metadata of", &temp))?.len();
+        let _active = self.activity_shared()?;
+        self.publish_object(temp, digest)?;
+        Ok(ObjectRef { digest: *digest, size })
+    }
+
     fn copy_then_remove(&self, path: &Path) -> Result<ObjectRef> {
         let object = self.put_file(path)?;
         fs::remove_file(path).map_err(io_err("remove", path))?;

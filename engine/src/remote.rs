@@ -295,8 +295,7 @@ impl Remote {
                 progress(o.size);
                 continue;
             }
-            let (mut file, temp) = cache.download_file()?;
-            let mut hasher = blake3::Hasher::new();
+            let (file, temp) = cache.download_file()?;
             let mut stream = match self.store.get(&self.cas(&o.digest)).await {
                 Ok(r) => r.into_stream(),
                 Err(object_store::Error::NotFound { .. }) => {
@@ -304,16 +303,33 @@ impl Remote {
                 }
                 Err(e) => return Err(self.err("downloading an object", e)),
             };
-            let mut size = 0u64;
+            // Hashing and writing run on their own thread, beside the network: a large object
+            // costs about its transfer time, not transfer + hash + write + fsync one after another.
+            let (tx, rx) = std::sync::mpsc::sync_channel::<bytes::Bytes>(64);
+            let writer = std::thread::spawn(move || write_and_hash(file, rx));
+            let mut failed = None;
             while let Some(chunk) = stream.next().await {
-                let chunk = chunk.map_err(|e| self.err("downloading an object", e))?;
-                hasher.update(&chunk);
-                file.write_all(&chunk).context("writing a download")?;
-                size += chunk.len() as u64;
-                progress(chunk.len() as u64);
+                match chunk {
+                    Ok(chunk) => {
+                        let n = chunk.len() as u64;
+                        if tx.send(chunk).is_err() {
+                            break; // the writer failed: its error follows
+                        }
+                        progress(n);
+                    }
+                    Err(e) => {
+                        failed = Some(self.err("downloading an object", e));
+                        break;
+                    }
+                }
             }
-            file.sync_all().context("writing a download")?;
-            drop(file);
+            drop(tx);
+            let written =
+                writer.join().map_err(|_| anyhow::anyhow!("the download writer panicked"))?;
+            if let Some(e) = failed {
+                return Err(e);
+            }
+            let (hasher, size) = written.context("writing a download")?;
             let actual = Digest::from(hasher.finalize());
             if actual != o.digest || size != o.size {
                 self.bad.lock().unwrap_or_else(|e| e.into_inner()).insert(o.digest);
@@ -325,8 +341,8 @@ impl Remote {
                 );
                 return Ok(Some(format!("remote object {} of `{name}` is corrupt", o.digest)));
             }
-            let stored = cache.put_file_move(&temp).context("storing a downloaded object")?;
-            anyhow::ensure!(stored.digest == o.digest, "a downloaded object changed on disk");
+            // Hashed as it arrived: published without reading it again (fsynced on the way).
+            cache.put_downloaded(temp, &o.digest).context("storing a downloaded object")?;
         }
         Ok(None)
     }
@@ -644,6 +660,29 @@ impl Remote {
     fn err(&self, what: &str, e: object_store::Error) -> anyhow::Error {
         anyhow::anyhow!("remote cache `{}`: {what}: {}", self.url, clean(&e.to_string()))
     }
+}
+
+/// Writes and hashes a download's chunks as they come; syncs every 64 MiB so that the final
+/// fsync (when the object is published) has little left to flush.
+fn write_and_hash(
+    mut file: std::fs::File,
+    chunks: std::sync::mpsc::Receiver<bytes::Bytes>,
+) -> std::io::Result<(blake3::Hasher, u64)> {
+    const SYNC_EVERY: u64 = 64 << 20;
+    let mut hasher = blake3::Hasher::new();
+    let (mut size, mut unsynced) = (0u64, 0u64);
+    for chunk in chunks {
+        hasher.update(&chunk);
+        file.write_all(&chunk)?;
+        size += chunk.len() as u64;
+        unsynced += chunk.len() as u64;
+        if unsynced >= SYNC_EVERY {
+            file.sync_data()?;
+            unsynced = 0;
+        }
+    }
+    file.flush()?;
+    Ok((hasher, size))
 }
 
 /// An error message without anything that looks like a credential (object_store does not put
