@@ -447,8 +447,13 @@ pub fn draw_side_by_side(
         let (x0, y0) =
             (GAP + (k % per_line) * (cell_w + GAP), GAP + (k / per_line) * (label + cell_h + GAP));
         if let Some(f) = font {
-            let style = TextStyle::from((f, 16)).color(&BLACK);
-            root.draw_text(name, &style, (x0 as i32, y0 as i32 + 8))?;
+            // At most two lines within the panel's width (a long label would run into the
+            // next panel's): wrapped at spaces, the rest cut with an ellipsis.
+            let style = TextStyle::from((f, 15)).color(&BLACK);
+            let fits = |t: &str| root.estimate_text_size(t, &style).is_ok_and(|(w, _)| w <= cell_w);
+            for (i, line) in wrap_label(name, 2, &fits).iter().enumerate() {
+                root.draw_text(line, &style, (x0 as i32, y0 as i32 + 2 + 18 * i as i32))?;
+            }
         }
         let s = scale(img);
         for y in 0..img.height * s {
@@ -460,6 +465,44 @@ pub fn draw_side_by_side(
     }
     root.present()?;
     Ok(())
+}
+
+/// `text` in at most `lines` lines that each `fits`: words wrapped greedily, a word too long
+/// for a line cut, and the last line ended with `…` when text is left over.
+fn wrap_label(text: &str, lines: usize, fits: &dyn Fn(&str) -> bool) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    let mut words = text.split_whitespace().peekable();
+    let mut cut = false;
+    while out.len() < lines && !cut {
+        let Some(first) = words.next() else { break };
+        let mut line = first.to_string();
+        while !fits(&line) && line.chars().count() > 1 {
+            line.pop();
+            cut = true;
+        }
+        while let Some(w) = words.peek().filter(|_| !cut) {
+            let candidate = format!("{line} {w}");
+            if !fits(&candidate) {
+                break;
+            }
+            line = candidate;
+            words.next();
+        }
+        out.push(line);
+    }
+    if (cut || words.peek().is_some())
+        && let Some(last) = out.last_mut()
+    {
+        loop {
+            let candidate = format!("{last}…");
+            if fits(&candidate) || last.is_empty() {
+                *last = candidate;
+                break;
+            }
+            last.pop();
+        }
+    }
+    out
 }
 
 fn range_of<'a>(points: impl Iterator<Item = &'a (f64, f64)>) -> (f64, f64, f64, f64) {
@@ -640,6 +683,18 @@ mod tests {
             let ratio = (a.bottom - a.top) as f64 / (c.bottom - c.top) as f64;
             assert!((ratio - 8.0 / 3.0).abs() < 0.1, "{ratio}");
         }
+    }
+
+    #[test]
+    fn long_labels_wrap_into_two_lines_and_end_with_an_ellipsis() {
+        let fits = |t: &str| t.chars().count() <= 12;
+        assert_eq!(wrap_label("short", 2, &fits), ["short"]);
+        assert_eq!(
+            wrap_label("two-stage training (Table 2)", 2, &fits),
+            ["two-stage", "training…"]
+        );
+        assert_eq!(wrap_label("full strategy (seed 0)", 2, &fits), ["full", "strategy…"]);
+        assert_eq!(wrap_label("abcdefghijklmnopq", 2, &fits), ["abcdefghijk…"]);
     }
 
     #[test]
