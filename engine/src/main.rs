@@ -118,37 +118,9 @@ enum Command {
         profile: Option<PathBuf>,
     },
     /// Upload a manifest's cached results to the remote cache (`--remote`)
-    Push {
-        /// Manifest file
-        manifest: PathBuf,
-        /// Only these instances and what they need (as for `run`)
-        targets: Vec<String>,
-        /// Only these stages (and what they need); the same as naming them as targets
-        #[arg(long = "stage", value_name = "STAGE")]
-        stages: Vec<String>,
-        /// Only this sweep variant's instances
-        #[arg(long, value_name = "NAME")]
-        variant: Option<String>,
-        /// Transfers at once
-        #[arg(long, default_value_t = 4)]
-        parallel: usize,
-    },
+    Push(TransferArgs),
     /// Download a manifest's results from the remote cache (`--remote`) into the local cache
-    Pull {
-        /// Manifest file
-        manifest: PathBuf,
-        /// Only these instances and what they need (as for `run`)
-        targets: Vec<String>,
-        /// Only these stages (and what they need); the same as naming them as targets
-        #[arg(long = "stage", value_name = "STAGE")]
-        stages: Vec<String>,
-        /// Only this sweep variant's instances
-        #[arg(long, value_name = "NAME")]
-        variant: Option<String>,
-        /// Transfers at once
-        #[arg(long, default_value_t = 4)]
-        parallel: usize,
-    },
+    Pull(TransferArgs),
     /// Print the worker log of a stage instance (every attempt, oldest first)
     Log {
         /// Manifest file
@@ -497,14 +469,8 @@ fn real_main(cli: Cli) -> anyhow::Result<u8> {
                 EXIT_FAILED
             })
         }
-        Command::Push { manifest, targets, stages, variant, parallel } => {
-            let targets: Vec<String> = targets.iter().chain(stages).cloned().collect();
-            transfer(&cli, &mut out, manifest, &targets, variant, *parallel, true)
-        }
-        Command::Pull { manifest, targets, stages, variant, parallel } => {
-            let targets: Vec<String> = targets.iter().chain(stages).cloned().collect();
-            transfer(&cli, &mut out, manifest, &targets, variant, *parallel, false)
-        }
+        Command::Push(args) => transfer(&cli, &mut out, args, true),
+        Command::Pull(args) => transfer(&cli, &mut out, args, false),
         Command::Log { manifest, stage, variant } => {
             let exp = Experiment::load(manifest)?;
             let cache = open_cache(&cli)?;
@@ -1174,17 +1140,35 @@ fn upload_missing(url: &str, cache: &Cache, summary: &executor::RunSummary) {
     }
 }
 
+/// What `push` and `pull` move.
+#[derive(clap::Args)]
+struct TransferArgs {
+    /// Manifest file
+    manifest: PathBuf,
+    /// Only these instances and what they need (as for `run`)
+    targets: Vec<String>,
+    /// Only these stages (and what they need); the same as naming them as targets
+    #[arg(long = "stage", value_name = "STAGE")]
+    stages: Vec<String>,
+    /// Only this sweep variant's instances
+    #[arg(long, value_name = "NAME")]
+    variant: Option<String>,
+    /// Transfers at once
+    #[arg(long, default_value_t = 4)]
+    parallel: usize,
+}
+
 /// `push`/`pull`: every instance of the plan (with its upstreams), `parallel` at a time, with a
 /// byte and object count on stderr.
 fn transfer(
     cli: &Cli,
     out: &mut impl Write,
-    manifest: &std::path::Path,
-    targets: &[String],
-    variant: &Option<String>,
-    parallel: usize,
+    args: &TransferArgs,
     push: bool,
 ) -> anyhow::Result<u8> {
+    let TransferArgs { manifest, targets, stages, variant, parallel } = args;
+    let targets: Vec<String> = targets.iter().chain(stages).cloned().collect();
+    let (targets, parallel) = (&targets[..], *parallel);
     let exp = Experiment::load(manifest)?;
     let remote = remote_for(cli, manifest)?;
     let cache = open_cache(cli)?;
