@@ -51,6 +51,8 @@ pub struct RunOptions {
     pub remote: Option<String>,
     /// Whether workers upload what they compute to the remote cache.
     pub upload: bool,
+    /// Opt-in GPU fast paths of every worker (`--fast`).
+    pub fast: progdiff_kinds::fast::FastPaths,
 }
 
 impl RunOptions {
@@ -64,6 +66,7 @@ impl RunOptions {
             worker,
             remote: None,
             upload: false,
+            fast: Default::default(),
         }
     }
 }
@@ -281,6 +284,7 @@ pub fn run(
                 let mut job = Job::for_stage(plan, i, cache, &device, opts.threads);
                 job.remote = opts.remote.clone();
                 job.upload = opts.upload;
+                job.fast = opts.fast;
                 match spawn(&job, cache, opts, &device, i, tx.clone()) {
                     Ok((child, log)) => {
                         workers.add(child.id() as i32);

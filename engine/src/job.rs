@@ -20,6 +20,7 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::Context as _;
 use progdiff_cache::{Cache, Digest, RecordMeta, StageRecord};
 use progdiff_kinds::context::{CancelToken, Reporter, StageContext, UpstreamOutputs};
+use progdiff_kinds::fast::FastPaths;
 use progdiff_kinds::kind::{Prepared, key_values};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -72,6 +73,9 @@ pub struct Job {
     /// Upload the result to the remote cache once computed (not with `--no-upload`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub upload: bool,
+    /// Opt-in GPU fast paths (`run --fast`): not part of the key.
+    #[serde(default, skip_serializing_if = "FastPaths::is_none")]
+    pub fast: FastPaths,
 }
 
 /// An upstream instance of a job.
@@ -125,6 +129,7 @@ impl Job {
             force: stage.forced,
             remote: None,
             upload: false,
+            fast: FastPaths::default(),
         }
     }
 

@@ -99,15 +99,21 @@ enum Command {
         /// Print the summary as JSON
         #[arg(long)]
         json: bool,
-        /// Stage instances running at once
-        #[arg(short, long, default_value_t = 1)]
-        jobs: usize,
+        /// Stage instances running at once [default: one per device of `--devices`: 1 on the
+        /// CPU, N with N GPUs]
+        #[arg(short, long)]
+        jobs: Option<usize>,
         /// Device pool: `cpu`, or GPUs like `cuda:0,cuda:1` (one stage per GPU at a time)
         #[arg(long, default_value = "cpu", value_delimiter = ',')]
         devices: Vec<String>,
         /// Run only what this sweep variant needs
         #[arg(long, value_name = "NAME")]
         variant: Option<String>,
+        /// Opt-in GPU fast paths, comma-separated: `cudnn_benchmark`, `channels_last`,
+        /// `fused_attention`, or `all`. Faster on GPUs, but results are no longer reproducible
+        /// bit for bit (not part of the key; nothing changes on the CPU)
+        #[arg(long, value_delimiter = ',', value_name = "PATHS")]
+        fast: Vec<String>,
         /// `local` (worker processes here) or `slurm` (one Slurm job or array task per
         /// instance) [default: the profile's, else local]
         #[arg(long, value_enum)]
@@ -379,9 +385,16 @@ fn real_main(cli: Cli) -> anyhow::Result<u8> {
             jobs,
             devices,
             variant,
+            fast,
             backend,
             profile,
         } => {
+            let fast = progdiff_kinds::fast::FastPaths::parse(fast)
+                .map_err(|e| anyhow::anyhow!("--fast: {e}"))?;
+            // One instance per device slot unless told: each GPU runs one at a time.
+            let jobs = &jobs.unwrap_or_else(|| {
+                devices.iter().collect::<std::collections::BTreeSet<_>>().len().max(1)
+            });
             let profile = Profile::find(profile.as_deref(), manifest)?;
             let backend = resolve_backend(*backend, &profile);
             if backend == Backend::Local {
@@ -436,6 +449,7 @@ fn real_main(cli: Cli) -> anyhow::Result<u8> {
                 worker,
                 remote: remote_url(&cli, &profile)?,
                 upload: !*no_upload,
+                fast,
             };
             let summary = match backend {
                 Backend::Local => executor::run(&p, &cache, &opts, &cancel, &workers),
@@ -446,6 +460,7 @@ fn real_main(cli: Cli) -> anyhow::Result<u8> {
                         resources,
                         retries,
                         worker: std::path::absolute(&opts.worker)?,
+                        fast,
                     };
                     progdiff::slurm::run(&p, &cache, &opts, &cancel)
                 }

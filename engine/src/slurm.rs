@@ -97,6 +97,8 @@ pub struct SlurmOptions {
     pub retries: Vec<u32>,
     /// The worker binary, as the compute nodes see it (a shared filesystem).
     pub worker: PathBuf,
+    /// Opt-in GPU fast paths of every worker (`--fast`).
+    pub fast: progdiff_kinds::fast::FastPaths,
 }
 
 /// Which job computes a key (`<cache>/v1/slurm/keys/ab/<key>.json`).
@@ -751,7 +753,8 @@ fn submit_group(
         let r = &opts.resources[i];
         let device = if r.gpus.unwrap_or(0) > 0 { "cuda:0" } else { "cpu" };
         let threads = r.cpus.unwrap_or(1) as usize;
-        let job = Job::for_stage(plan, i, cache, device, threads);
+        let mut job = Job::for_stage(plan, i, cache, device, threads);
+        job.fast = opts.fast;
         if let Err(e) = serde_json::to_vec_pretty(&job)
             .map_err(anyhow::Error::from)
             .and_then(|b| cache.write_job(&job.key, &b).map_err(anyhow::Error::from))

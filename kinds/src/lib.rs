@@ -16,6 +16,7 @@ pub mod context;
 pub mod data;
 pub mod diffusion;
 pub mod evaluate;
+pub mod fast;
 pub mod fid;
 pub mod fid_extractor;
 pub mod import;

@@ -11,13 +11,16 @@ pub mod cost;
 pub mod data;
 pub mod diffusion;
 pub mod evaluate;
+pub mod fast;
 pub mod fid;
 pub mod image_io;
 pub mod import;
+pub mod optim;
 pub mod prune;
 pub mod run;
 pub mod sample;
 pub mod train;
+pub mod transfer;
 pub mod unet;
 
 pub use progdiff_kinds::{allocate, command, config, context, fid_extractor, kind, plot, schedule};

@@ -44,7 +44,9 @@ use crate::checkpoint::{self, Checkpoint};
 use crate::config::ModelConfig;
 use crate::context::StageContext;
 use crate::data::{Dataset, EpochSampler};
-use crate::diffusion::{GaussianDiffusion, NoiseSource, SeededNoise};
+use crate::diffusion::{GaussianDiffusion, SeededNoise};
+use crate::optim::{Trainer, Update};
+use crate::transfer::{read_f64s, upload};
 use crate::unet::{UNet, UNetArch};
 
 /// Parses `cpu` / `cuda:N`.
@@ -199,8 +201,38 @@ struct Interval {
     quartile: [(f64, usize); 4],
 }
 
+/// Everything one training step needs from the host, made ahead on a background thread (the
+/// batch order, flips, timesteps and noise are functions of `(seed, step)`, so making them early
+/// changes nothing).
+struct HostStep {
+    step: usize,
+    /// The sampler's position after this step's batch (saved with a checkpoint after it).
+    position: (u64, usize),
+    /// The batch, decoded on the host (datasets not held on the device).
+    x0: Option<Tensor>,
+    /// Image indices, int64 `[B]` (datasets held on the device).
+    indices: Tensor,
+    /// Flips, bool `[B]`.
+    flips: Tensor,
+    /// Row 0: the timesteps, row 1: their quartile; int64 `[2, B]`.
+    t_q: Tensor,
+    /// How many of the batch's timesteps fall in each quartile.
+    quartile_counts: [usize; 4],
+    /// Float32 `[B, C, H, W]`.
+    noise: Tensor,
+}
+
+/// Datasets up to this size are held on the training device whole.
+const RESIDENT_MAX_BYTES: usize = 2 << 30;
+
 /// Runs the stage.
 pub fn run(ctx: &StageContext, inputs: &TrainInputs) -> anyhow::Result<()> {
+    run_with(ctx, inputs, Update::Flat)
+}
+
+/// [`run`] with the given update implementation (the tests and benchmark compare the two).
+#[doc(hidden)]
+pub fn run_with(ctx: &StageContext, inputs: &TrainInputs, update: Update) -> anyhow::Result<()> {
     let params = &inputs.stage;
     let seed = inputs.seed;
     let device = parse_device(&ctx.device)?;
@@ -232,157 +264,258 @@ pub fn run(ctx: &StageContext, inputs: &TrainInputs) -> anyhow::Result<()> {
         None => (0, initial_checkpoint(ctx, inputs)?, None, None),
     };
     let arch = init.arch.clone();
-
-    let vs = VarStore::new(device);
-    let net = init.build(&vs)?;
-    let ema_vs = VarStore::new(device);
-    let _ema_net = UNet::new(&ema_vs.root(), &arch)?;
-    ema_init.as_ref().unwrap_or(&init).copy_into(&ema_vs)?;
+    let mut trainer = Trainer::new(&init, ema_init.as_ref(), moments, params, device, update)?;
     drop(init);
     drop(ema_init);
-
-    // Parameters in a fixed (name) order, with their EMA twins and Adam moments.
-    let mut named: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
-    named.sort_by(|a, b| a.0.cmp(&b.0));
-    let ema_vars = ema_vs.variables();
-    let mut adam = Adam::new(&named, params, moments)?;
-    let half = match params.precision {
-        Precision::Fp32 => None,
-        Precision::Bf16 => Some(HalfModel::new(&arch, device, &named)?),
-    };
+    let resident = dataset.resident(device, RESIDENT_MAX_BYTES).context("loading the dataset")?;
+    if let Some(r) = &resident {
+        tracing::info!(stage = %ctx.id, mib = r.bytes() >> 20, "the dataset is held on the device");
+    }
 
     let metrics_path = ctx.work_dir.join(METRICS_FILE);
     let mut metrics = open_metrics(&metrics_path, start)?;
     let total = params.steps as u64;
-    let mut last_loss = f64::NAN;
     ctx.report.progress(start as u64, total, "steps", String::new);
-    let mut t_log = Instant::now();
     let (c, h, w) = dataset.image_shape();
     let batch = params.batch_size;
+    let hflip = dataset.hflip();
+    let on_device = resident.is_some();
 
-    for step in start..params.steps {
-        ctx.cancel.check()?;
+    // The host's share of each step, one step ahead.
+    let make = move |step: usize, sampler: &mut EpochSampler| -> anyhow::Result<HostStep> {
         let s = step as u64;
-        let indices = sampler.next_batch(batch);
-        let flips: Vec<bool> = if dataset.hflip() {
+        let idx = sampler.next_batch(batch);
+        let position = sampler.position();
+        let flips: Vec<bool> = if hflip {
             uniform_indices(stream(seed, s, 1), batch, 2).into_iter().map(|b| b == 1).collect()
         } else {
             vec![false; batch]
         };
-        let x0 = dataset.batch_with_flips(&indices, &flips)?.to_device(device);
+        let x0 = if on_device { None } else { Some(dataset.batch_with_flips(&idx, &flips)?) };
         let t_idx = uniform_indices(stream(seed, s, 2), batch, allowed.len());
         let t_vals: Vec<i64> = t_idx.iter().map(|&i| allowed[i] as i64).collect();
-        let t = Tensor::from_slice(&t_vals).to_device(device);
-        let noise = SeededNoise::stream(seed, stream(seed, s, 3))
-            .randn(&[batch as i64, c as i64, h as i64, w as i64], (Kind::Float, device));
-
-        if let Some(h) = &half {
-            h.load(&named);
-        }
-        let losses = {
-            tch::manual_seed(stream(seed, s, 4) as i64);
-            match &half {
-                None => {
-                    diffusion.training_losses(|x, tm| net.forward_t(x, tm, true), &x0, &t, &noise)
-                }
-                Some(h) => diffusion.training_losses(|x, tm| h.forward(x, tm), &x0, &t, &noise),
-            }
-        };
-        let loss = losses.loss.mean(Kind::Float);
-        let loss_value = loss.double_value(&[]);
-        if !loss_value.is_finite() {
-            bail!("loss is {loss_value} at step {step}; try a lower `lr`");
-        }
-        let trained: Vec<Tensor> = match &half {
-            None => named.iter().map(|(_, p)| p.shallow_clone()).collect(),
-            Some(h) => h.vars.iter().map(Tensor::shallow_clone).collect(),
-        };
-        zero_grads(&trained);
-        loss.backward();
-        let grads: Vec<Tensor> = trained
+        let mut quartile_counts = [0; 4];
+        let q_vals: Vec<i64> = t_vals
             .iter()
-            .map(|v| {
-                let g = v.grad();
-                if g.defined() { g.to_kind(Kind::Float) } else { g }
+            .map(|&tv| {
+                let q = (4 * tv as usize / steps_t).min(3);
+                quartile_counts[q] += 1;
+                q as i64
             })
             .collect();
-        if let Some(max) = params.grad_clip {
-            clip_grad_norm(&grads, max);
-        }
-        let lr = if params.warmup > 0 {
-            params.lr * ((step + 1) as f64 / params.warmup as f64).min(1.0)
-        } else {
-            params.lr
-        };
-        adam.step(lr, &grads);
-        tch::no_grad(|| {
-            for (name, p) in &named {
-                let mut e = ema_vars[name].shallow_clone();
-                let _ = e.g_mul_scalar_(params.ema).g_add_(&(p * (1.0 - params.ema)));
-            }
-        });
+        let pin = |t: Tensor| if device == Device::Cpu { t } else { t.pin_memory(device) };
+        let indices: Vec<i64> = idx.iter().map(|&i| i as i64).collect();
+        let shape = [batch as i64, c as i64, h as i64, w as i64];
+        Ok(HostStep {
+            step,
+            position,
+            x0: x0.map(pin),
+            indices: pin(Tensor::from_slice(&indices)),
+            flips: pin(Tensor::from_slice(&flips)),
+            t_q: pin(Tensor::from_slice(&[t_vals, q_vals].concat()).view([2, batch as i64])),
+            quartile_counts,
+            noise: pin(SeededNoise::stream(seed, stream(seed, s, 3)).host(&shape, Kind::Float)),
+        })
+    };
 
-        // Metrics, as IDDPM logs them: means over the interval, and per timestep quartile.
-        let per = Vec::<f64>::try_from(
-            losses.loss.detach().to_kind(Kind::Double).to_device(Device::Cpu),
-        )?;
-        interval.n += 1;
-        interval.loss += loss_value;
-        interval.mse += losses.mse.detach().mean(Kind::Double).double_value(&[]);
-        interval.vb += losses.vb.detach().mean(Kind::Double).double_value(&[]);
-        for (l, &tv) in per.iter().zip(&t_vals) {
-            let q = (4 * tv as usize / steps_t).min(3);
-            interval.quartile[q].0 += l;
-            interval.quartile[q].1 += 1;
-        }
-        let done = step + 1;
-        if done % params.log_every == 0 || done == params.steps {
-            let n = interval.n as f64;
-            let mut line = serde_json::json!({
-                "step": done,
-                "loss": interval.loss / n,
-                "mse": interval.mse / n,
-                "vb": interval.vb / n,
-                "lr": lr,
-                "samples_per_s": (interval.n * batch) as f64 / t_log.elapsed().as_secs_f64().max(1e-9),
+    let steps = params.steps;
+    let start_sampler = sampler.clone();
+    std::thread::scope(|scope| -> anyhow::Result<()> {
+        // On a GPU the host's share runs on its own thread, a step ahead; on the CPU it would
+        // only take cores from libtorch's threads, so it runs in line.
+        let mut inline = None;
+        let rx = if device.is_cuda() {
+            let (tx, rx) = std::sync::mpsc::sync_channel::<anyhow::Result<HostStep>>(1);
+            scope.spawn(move || {
+                let mut sampler = start_sampler;
+                for step in start..steps {
+                    let made = make(step, &mut sampler);
+                    let failed = made.is_err();
+                    if tx.send(made).is_err() || failed {
+                        break;
+                    }
+                }
             });
-            for (q, (sum, count)) in interval.quartile.iter().enumerate() {
-                if *count > 0 {
-                    line[format!("loss_q{q}")] = (sum / *count as f64).into();
+            Some(rx)
+        } else {
+            inline = Some((make, start_sampler));
+            None
+        };
+        let mut sums = Sums::new(&interval, device);
+        let mut last_loss = f64::NAN;
+        let mut t_log = Instant::now();
+        for step in start..steps {
+            ctx.cancel.check()?;
+            let host = match (&rx, &mut inline) {
+                (Some(rx), _) => rx.recv().context("the data thread stopped")??,
+                (None, Some((make, sampler))) => make(step, sampler)?,
+                (None, None) => unreachable!("the host's share runs on a thread or in line"),
+            };
+            debug_assert_eq!(host.step, step);
+            let s = step as u64;
+            let x0 = match (&resident, &host.x0) {
+                (Some(r), _) => {
+                    r.batch(&upload(&host.indices, device), &upload(&host.flips, device))
+                }
+                (None, Some(x0)) => upload(x0, device),
+                (None, None) => unreachable!("a host batch is made when the data is not resident"),
+            };
+            let t_q = upload(&host.t_q, device);
+            let (t, q) = (t_q.get(0), t_q.get(1));
+            let noise = upload(&host.noise, device);
+
+            let losses = {
+                tch::manual_seed(stream(seed, s, 4) as i64);
+                diffusion.training_losses(|x, tm| trainer.forward(x, tm), &x0, &t, &noise)
+            };
+            let loss = losses.loss.mean(Kind::Float);
+            trainer.backward(&loss);
+            if let Some(max) = params.grad_clip {
+                trainer.clip_grad_norm(max);
+            }
+            let lr = if params.warmup > 0 {
+                params.lr * ((step + 1) as f64 / params.warmup as f64).min(1.0)
+            } else {
+                params.lr
+            };
+            trainer.step(lr);
+
+            // Metrics, as IDDPM logs them: means over the interval, and per timestep quartile;
+            // summed on the device, read at logging and checkpoint steps only.
+            sums.add(&loss, &losses, &q, host.quartile_counts);
+            let done = step + 1;
+            let log_now = done % params.log_every == 0 || done == steps;
+            let due = done.is_multiple_of(params.checkpoint_every) || ctx.cancel.is_cancelled();
+            let save_now = params.checkpoint_every > 0 && due && done < steps;
+            if log_now || save_now {
+                interval = sums.read(&interval)?;
+                if !interval.loss.is_finite() {
+                    bail!(
+                        "the loss became {} in the {} steps up to step {done}; try a lower `lr`",
+                        interval.loss,
+                        interval.n,
+                    );
                 }
             }
-            writeln!(metrics, "{line}")?;
-            metrics.flush()?;
-            ctx.report.metrics(&line);
-            last_loss = interval.loss / n;
-            interval = Interval::default();
-            t_log = Instant::now();
-        }
-        ctx.report.progress(done as u64, total, "steps", || {
-            if last_loss.is_finite() { format!("loss {last_loss:.4}") } else { String::new() }
-        });
+            if log_now {
+                let n = interval.n as f64;
+                let mut line = serde_json::json!({
+                    "step": done,
+                    "loss": interval.loss / n,
+                    "mse": interval.mse / n,
+                    "vb": interval.vb / n,
+                    "lr": lr,
+                    "samples_per_s": (sums.steps * batch) as f64 / t_log.elapsed().as_secs_f64().max(1e-9),
+                });
+                for (q, (sum, count)) in interval.quartile.iter().enumerate() {
+                    if *count > 0 {
+                        line[format!("loss_q{q}")] = (sum / *count as f64).into();
+                    }
+                }
+                writeln!(metrics, "{line}")?;
+                metrics.flush()?;
+                ctx.report.metrics(&line);
+                last_loss = interval.loss / n;
+                interval = Interval::default();
+                sums = Sums::new(&interval, device);
+                t_log = Instant::now();
+            }
+            ctx.report.progress(done as u64, total, "steps", || {
+                if last_loss.is_finite() { format!("loss {last_loss:.4}") } else { String::new() }
+            });
 
-        // Resume state every `checkpoint_every` steps, and when interrupted (Ctrl-C forwarded to
-        // the worker, or the coordinator gone), so the next run resumes where this one stopped.
-        let due = done.is_multiple_of(params.checkpoint_every) || ctx.cancel.is_cancelled();
-        if params.checkpoint_every > 0 && due && done < params.steps {
-            let (epoch, pos) = sampler.position();
-            let state = ResumeState { step: done, epoch, pos, interval: interval.clone() };
-            let model = Checkpoint::from_var_store(&arch, &vs, step_state(done, None))?;
-            let ema =
-                Checkpoint::from_var_store(&arch, &ema_vs, step_state(done, Some(params.ema)))?;
-            resume.save(&state, &model, &ema, &adam.moments())?;
+            // Resume state every `checkpoint_every` steps, and when interrupted (Ctrl-C forwarded
+            // to the worker, or the coordinator gone), so the next run resumes where this one
+            // stopped.
+            if save_now {
+                let (epoch, pos) = host.position;
+                let state = ResumeState { step: done, epoch, pos, interval: interval.clone() };
+                let model =
+                    Checkpoint::from_var_store(&arch, trainer.model(), step_state(done, None))?;
+                let ema = Checkpoint::from_var_store(
+                    &arch,
+                    trainer.ema(),
+                    step_state(done, Some(params.ema)),
+                )?;
+                resume.save(&state, &model, &ema, &trainer.moments())?;
+            }
         }
-    }
+        Ok(())
+    })?;
     drop(metrics);
 
-    let model = Checkpoint::from_var_store(&arch, &vs, step_state(params.steps, None))?;
+    let model = Checkpoint::from_var_store(&arch, trainer.model(), step_state(params.steps, None))?;
     model.save(&ctx.out_dir.join(MODEL_FILE))?;
-    let ema =
-        Checkpoint::from_var_store(&arch, &ema_vs, step_state(params.steps, Some(params.ema)))?;
+    let ema = Checkpoint::from_var_store(
+        &arch,
+        trainer.ema(),
+        step_state(params.steps, Some(params.ema)),
+    )?;
     ema.save(&ctx.out_dir.join(EMA_FILE))?;
     std::fs::copy(&metrics_path, ctx.out_dir.join(METRICS_FILE))?;
     Ok(())
+}
+
+/// The running sums of a logging interval, on the device: `[loss, mse, vb, q0..q3]` in
+/// float64, added to in the order the host added them before (so the logged means are the
+/// same), read back only when logging or checkpointing.
+struct Sums {
+    acc: Tensor,
+    /// Host-side counts: steps, and samples per quartile.
+    steps: usize,
+    counts: [usize; 4],
+}
+
+impl Sums {
+    /// Sums continuing `interval` (a resumed run's interval in progress).
+    fn new(interval: &Interval, device: Device) -> Sums {
+        let mut init = vec![interval.loss, interval.mse, interval.vb];
+        init.extend(interval.quartile.iter().map(|q| q.0));
+        let acc = upload(&Tensor::from_slice(&init), device);
+        Sums { acc, steps: 0, counts: [0; 4] }
+    }
+
+    fn add(
+        &mut self,
+        loss: &Tensor,
+        losses: &crate::diffusion::Losses,
+        q: &Tensor,
+        counts: [usize; 4],
+    ) {
+        tch::no_grad(|| {
+            let head = Tensor::stack(
+                &[
+                    loss.detach().to_kind(Kind::Double),
+                    losses.mse.detach().mean(Kind::Double),
+                    losses.vb.detach().mean(Kind::Double),
+                ],
+                0,
+            );
+            let _ = self.acc.narrow(0, 0, 3).g_add_(&head);
+            let per = losses.loss.detach().to_kind(Kind::Double);
+            let _ = self.acc.narrow(0, 3, 4).index_add_(0, q, &per);
+        });
+        self.steps += 1;
+        for (c, n) in self.counts.iter_mut().zip(counts) {
+            *c += n;
+        }
+    }
+
+    /// The interval so far: `base` (its state when these sums started) plus the sums.
+    fn read(&self, base: &Interval) -> anyhow::Result<Interval> {
+        let v = read_f64s(&self.acc);
+        let mut out = Interval {
+            n: base.n + self.steps,
+            loss: v[0],
+            mse: v[1],
+            vb: v[2],
+            ..Interval::default()
+        };
+        for q in 0..4 {
+            out.quartile[q] = (v[3 + q], base.quartile[q].1 + self.counts[q]);
+        }
+        Ok(out)
+    }
 }
 
 fn step_state(step: usize, ema: Option<f64>) -> BTreeMap<String, String> {
@@ -427,194 +560,9 @@ fn open_metrics(path: &Path, step: usize) -> anyhow::Result<std::fs::File> {
     Ok(f)
 }
 
-fn zero_grads(vars: &[Tensor]) {
-    for p in vars {
-        let mut g = p.grad();
-        if g.defined() {
-            let _ = g.detach_().zero_();
-        }
-    }
-}
-
-/// Scales `grads` in place so their global L2 norm is at most `max` (as
-/// `torch.nn.utils.clip_grad_norm_`).
-fn clip_grad_norm(grads: &[Tensor], max: f64) {
-    tch::no_grad(|| {
-        let norms: Vec<Tensor> =
-            grads.iter().filter(|g| g.defined()).map(|g| g.norm().to_kind(Kind::Double)).collect();
-        if norms.is_empty() {
-            return;
-        }
-        let total = Tensor::stack(&norms, 0).norm().double_value(&[]);
-        let coef = max / (total + 1e-6);
-        if coef < 1.0 {
-            for g in grads.iter().filter(|g| g.defined()) {
-                let _ = g.shallow_clone().g_mul_scalar_(coef);
-            }
-        }
-    });
-}
-
-/// The bfloat16 working copy of the model for [`Precision::Bf16`]: convolution weights and
-/// biases in bfloat16 (IDDPM's `convert_module_to_f16` converts exactly the convolutions), the
-/// rest in float32; refreshed from the float32 master weights before every step.
-struct HalfModel {
-    net: UNet,
-    /// Aligned with the master parameters (same names, same order).
-    vars: Vec<Tensor>,
-    _vs: VarStore,
-}
-
-impl HalfModel {
-    fn new(arch: &UNetArch, device: Device, master: &[(String, Tensor)]) -> anyhow::Result<Self> {
-        let vs = VarStore::new(device);
-        let net = UNet::new(&vs.root(), arch)?;
-        let by_name = vs.variables();
-        // A layer is a convolution when its weight has 3 or more dimensions.
-        let conv_layers: std::collections::BTreeSet<String> = master
-            .iter()
-            .filter(|(n, t)| n.ends_with(".weight") && t.dim() >= 3)
-            .map(|(n, _)| n.trim_end_matches(".weight").to_string())
-            .collect();
-        let mut vars = Vec::with_capacity(master.len());
-        for (name, _) in master {
-            let mut v = by_name[name].shallow_clone();
-            let layer = name.rsplit_once('.').map(|(l, _)| l).unwrap_or(name);
-            if conv_layers.contains(layer) {
-                tch::no_grad(|| v.set_data(&v.to_kind(Kind::BFloat16)));
-            }
-            vars.push(v);
-        }
-        Ok(HalfModel { net, vars, _vs: vs })
-    }
-
-    fn load(&self, master: &[(String, Tensor)]) {
-        tch::no_grad(|| {
-            for (v, (_, p)) in self.vars.iter().zip(master) {
-                v.shallow_clone().copy_(p);
-            }
-        });
-    }
-
-    /// Model input in bfloat16, output back in float32 (IDDPM's `x.type(inner_dtype)` /
-    /// `h.type(x.dtype)`).
-    fn forward(&self, x: &Tensor, t: &Tensor) -> Tensor {
-        self.net.forward_t(&x.to_kind(Kind::BFloat16), t, true).to_kind(Kind::Float)
-    }
-}
-
-/// AdamW exactly as `torch.optim.AdamW` (betas 0.9/0.999, eps 1e-8), with its moments exposed
-/// so a resumed run continues with the same state.
-struct Adam {
-    params: Vec<(String, Tensor)>,
-    m: Vec<Tensor>,
-    v: Vec<Tensor>,
-    t: i64,
-    weight_decay: f64,
-}
-
-const BETA1: f64 = 0.9;
-const BETA2: f64 = 0.999;
-const EPS: f64 = 1e-8;
-
-impl Adam {
-    fn new(
-        params: &[(String, Tensor)],
-        p: &TrainParams,
-        saved: Option<Vec<(String, Tensor)>>,
-    ) -> anyhow::Result<Adam> {
-        let mut m = Vec::new();
-        let mut v = Vec::new();
-        let mut t = 0;
-        let saved: BTreeMap<String, Tensor> = saved.unwrap_or_default().into_iter().collect();
-        for (name, x) in params {
-            match (saved.get(&format!("m.{name}")), saved.get(&format!("v.{name}"))) {
-                (Some(sm), Some(sv)) => {
-                    m.push(sm.to_device(x.device()));
-                    v.push(sv.to_device(x.device()));
-                }
-                _ => {
-                    m.push(x.zeros_like());
-                    v.push(x.zeros_like());
-                }
-            }
-        }
-        if let Some(st) = saved.get("t") {
-            t = st.int64_value(&[]);
-        }
-        Ok(Adam {
-            params: params.iter().map(|(n, x)| (n.clone(), x.shallow_clone())).collect(),
-            m,
-            v,
-            t,
-            weight_decay: p.weight_decay,
-        })
-    }
-
-    /// One update with `grads[i]` the gradient of parameter `i` (undefined: no update).
-    fn step(&mut self, lr: f64, grads: &[Tensor]) {
-        self.t += 1;
-        let bc1 = 1.0 - BETA1.powi(self.t as i32);
-        let bc2 = 1.0 - BETA2.powi(self.t as i32);
-        tch::no_grad(|| {
-            for (i, (_, p)) in self.params.iter().enumerate() {
-                let g = &grads[i];
-                if !g.defined() {
-                    continue;
-                }
-                let mut p = p.shallow_clone();
-                if self.weight_decay != 0.0 {
-                    let _ = p.g_mul_scalar_(1.0 - lr * self.weight_decay);
-                }
-                let _ = self.m[i].g_mul_scalar_(BETA1).g_add_(&(g * (1.0 - BETA1)));
-                let _ = self.v[i].g_mul_scalar_(BETA2).g_add_(&(g * g * (1.0 - BETA2)));
-                let denom = self.v[i].sqrt() / bc2.sqrt() + EPS;
-                let _ = p.g_add_(&(&self.m[i] / denom * (-lr / bc1)));
-            }
-        });
-    }
-
-    fn moments(&self) -> Vec<(String, Tensor)> {
-        let mut out = Vec::new();
-        for (i, (name, _)) in self.params.iter().enumerate() {
-            out.push((format!("m.{name}"), self.m[i].to_device(Device::Cpu)));
-            out.push((format!("v.{name}"), self.v[i].to_device(Device::Cpu)));
-        }
-        out.push(("t".to_string(), Tensor::from(self.t)));
-        out
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn adam_matches_torch_adamw_by_hand() {
-        // One parameter, two steps, gradient 2*p (loss p^2), lr 0.1, wd 0.01: the reference
-        // values follow torch.optim.AdamW's update written out by hand.
-        let p = Tensor::from_slice(&[1.0f32]).set_requires_grad(true);
-        let params = vec![("p".to_string(), p.shallow_clone())];
-        let tp = TrainParams { weight_decay: 0.01, ..TrainParams::default() };
-        let mut adam = Adam::new(&params, &tp, None).unwrap();
-        let (mut x, mut m, mut v) = (1.0f64, 0.0f64, 0.0f64);
-        for t in 1..=2 {
-            zero_grads(std::slice::from_ref(&p));
-            (&p * &p).sum(Kind::Float).backward();
-            adam.step(0.1, &[p.grad()]);
-            let g = 2.0 * x;
-            x *= 1.0 - 0.1 * 0.01;
-            m = 0.9 * m + 0.1 * g;
-            v = 0.999 * v + 0.001 * g * g;
-            let denom = v.sqrt() / (1.0 - 0.999f64.powi(t)).sqrt() + 1e-8;
-            x -= 0.1 / (1.0 - 0.9f64.powi(t)) * m / denom;
-            assert!(
-                (p.double_value(&[0]) - x).abs() < 1e-6,
-                "step {t}: {} vs {x}",
-                p.double_value(&[0])
-            );
-        }
-    }
 
     #[test]
     fn streams_are_independent_and_stable() {

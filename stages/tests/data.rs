@@ -740,3 +740,36 @@ fn schema_documents_every_kind() {
     }
     assert!(text.contains("Use only the first N images"), "field docs reach the schema");
 }
+
+// ---------------------------------------------------------------- held on the device
+
+/// Issue 16: a dataset held whole on the device (raw uint8 when the transforms only scale,
+/// else the transformed float32 images) gives exactly the batches of `batch_with_flips`,
+/// flips included; over the size limit it is not held.
+#[test]
+fn resident_batches_equal_decoded_batches() {
+    let tmp = TempDir::new().unwrap();
+    write_cifar(tmp.path(), 4);
+    let imgs = idx_images(6, 28, 28, idx_pixel);
+    fs::write(tmp.path().join("img"), &imgs).unwrap();
+    let cases = [
+        ("{kind: cifar10, path: .}", 3 * 32 * 32),
+        ("{kind: idx, images: img}", 28 * 28),
+        ("{kind: idx, images: img, image_size: 32, channels: rgb}", 3 * 32 * 32 * 4),
+        ("{kind: synthetic, n: 12, image_size: 8, hflip: true}", 3 * 8 * 8),
+        ("{kind: synthetic, n: 12, image_size: 8, channels: gray}", 8 * 8 * 4),
+    ];
+    for (yaml, bytes_per_image) in cases {
+        let ds = open(tmp.path(), yaml);
+        let r = ds.resident(tch::Device::Cpu, 1 << 30).unwrap().expect("fits");
+        assert_eq!(r.bytes(), ds.len() * bytes_per_image, "{yaml}");
+        let idx = [3usize, 0, 3, 1];
+        let flips = [true, false, false, true];
+        let want = ds.batch_with_flips(&idx, &flips).unwrap();
+        let got = r.batch(&Tensor::from_slice(&idx.map(|i| i as i64)), &Tensor::from_slice(&flips));
+        assert_eq!(got.size(), want.size(), "{yaml}");
+        let bits = |t: &Tensor| values(t).into_iter().map(f32::to_bits).collect::<Vec<_>>();
+        assert_eq!(bits(&got), bits(&want), "{yaml}");
+        assert!(ds.resident(tch::Device::Cpu, bytes_per_image).unwrap().is_none(), "{yaml}");
+    }
+}

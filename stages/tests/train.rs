@@ -9,8 +9,11 @@ use progdiff_stages::config::{DiffusionConfig, ModelConfig};
 use progdiff_stages::context::{StageContext, UpstreamOutputs};
 use progdiff_stages::data::DataConfig;
 use progdiff_stages::kind::{Sections, StageKind};
+use progdiff_stages::optim::Update;
 use progdiff_stages::schedule::NoiseSchedule;
-use progdiff_stages::train::{self, Train, TrainInputs, TrainParams};
+use progdiff_stages::train::{self, Precision, Train, TrainInputs, TrainParams};
+use progdiff_stages::transfer;
+use tch::Tensor;
 
 fn data() -> DataConfig {
     serde_json::from_value(serde_json::json!({
@@ -283,4 +286,130 @@ fn bf16_mixed_precision_trains_float32_master_weights() {
         assert!((x - y).abs() < 0.1 * x.max(y), "fp32 mse {x} vs bf16 {y}");
     }
     assert!(b[2]["mse"].as_f64().unwrap() < b[0]["mse"].as_f64().unwrap(), "{b:?}");
+}
+
+/// Model, EMA and (from the step-5 checkpoint in the work area) AdamW's moments of a run of `p`
+/// with the given update implementation.
+fn trained_state(
+    root: &Path,
+    name: &str,
+    p: &TrainParams,
+    update: Update,
+) -> Vec<BTreeMap<String, Vec<f32>>> {
+    let work = root.join(format!("work-{name}"));
+    let c = ctx(root, name, &work, vec![]);
+    tch::set_num_threads(1);
+    // A first run stops after its step-5 checkpoint, so the work area keeps the moments.
+    let first = ctx(root, &format!("{name}-first"), &work, vec![]);
+    train::run_with(&first, &inputs(&TrainParams { steps: 6, ..p.clone() }), update).unwrap();
+    let moments: BTreeMap<String, Vec<f32>> =
+        Tensor::read_safetensors(work.join("ckpt-5").join("adam.safetensors"))
+            .unwrap()
+            .into_iter()
+            .filter(|(k, _)| k != "t")
+            .map(|(k, t)| (k, Vec::<f32>::try_from(t.flatten(0, -1)).unwrap()))
+            .collect();
+    assert!(!moments.is_empty());
+    std::fs::remove_dir_all(&work).unwrap();
+    std::fs::create_dir_all(&work).unwrap();
+    train::run_with(&c, &inputs(p), update).unwrap();
+    vec![
+        weights(c.out_dir.join(train::MODEL_FILE)),
+        weights(c.out_dir.join(train::EMA_FILE)),
+        moments,
+    ]
+}
+
+/// Issue 16: the flat-buffer AdamW and EMA give exactly the weights, EMA weights and moments
+/// of the per-tensor loops they replaced, in float32 and bf16 mixed precision, with weight
+/// decay and a learning-rate warm-up.
+#[test]
+fn flat_buffers_update_exactly_as_the_per_tensor_loops() {
+    let dir = tempfile::tempdir().unwrap();
+    for precision in [Precision::Fp32, Precision::Bf16] {
+        let p = TrainParams {
+            steps: 8,
+            batch_size: 8,
+            lr: 2e-3,
+            ema: 0.9,
+            weight_decay: 0.01,
+            warmup: 3,
+            log_every: 4,
+            checkpoint_every: 5,
+            precision,
+            ..TrainParams::default()
+        };
+        let tag = format!("{precision:?}");
+        let reference = trained_state(dir.path(), &format!("pt-{tag}"), &p, Update::PerTensor);
+        let flat = trained_state(dir.path(), &format!("flat-{tag}"), &p, Update::Flat);
+        for (what, (a, b)) in ["model", "ema", "moments"].iter().zip(reference.iter().zip(&flat)) {
+            assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+            for (name, values) in a {
+                assert!(
+                    values.iter().zip(&b[name]).all(|(x, y)| x.to_bits() == y.to_bits()),
+                    "{tag}: {what} `{name}` differs"
+                );
+            }
+        }
+        // And training moved the weights.
+        let init =
+            ctx(dir.path(), &format!("init-{tag}"), &dir.path().join(format!("w-{tag}")), vec![]);
+        train::run(&init, &inputs(&TrainParams { steps: 1, lr: 1e-12, ..p.clone() })).unwrap();
+        let before = weights(init.out_dir.join(train::MODEL_FILE));
+        assert_ne!(before, flat[0], "{tag}");
+    }
+}
+
+/// Issue 16: a training step that neither logs nor checkpoints reads nothing back from the
+/// device; logging and checkpoint steps read the interval's sums once.
+#[test]
+fn only_logging_and_checkpoint_steps_read_from_the_device() {
+    let dir = tempfile::tempdir().unwrap();
+    tch::set_num_threads(1);
+    let mut n = 0;
+    for (log_every, checkpoint_every, want) in [(12, 0, 1), (3, 0, 4), (12, 5, 3), (4, 4, 3)] {
+        n += 1;
+        let c = ctx(dir.path(), &format!("r{n}"), &dir.path().join(format!("w{n}")), vec![]);
+        let p = TrainParams {
+            steps: 12,
+            batch_size: 4,
+            log_every,
+            checkpoint_every,
+            grad_clip: Some(0.5),
+            ..TrainParams::default()
+        };
+        let before = transfer::reads();
+        train::run(&c, &inputs(&p)).unwrap();
+        let reads = transfer::reads() - before;
+        assert_eq!(reads, want, "log_every {log_every}, checkpoint_every {checkpoint_every}");
+        assert_eq!(metrics(&c.out_dir).len(), 12 / log_every);
+    }
+}
+
+/// Gradient clipping without host reads still bounds the update: with a tiny `grad_clip` the
+/// first AdamW step is unchanged (Adam normalises the gradient) but clipping must not produce
+/// non-finite weights, and a huge one leaves training as without clipping.
+#[test]
+fn clipping_on_the_device_matches_no_clipping_when_the_bound_is_loose() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = TrainParams {
+        steps: 4,
+        batch_size: 4,
+        log_every: 2,
+        checkpoint_every: 0,
+        ..TrainParams::default()
+    };
+    let plain = ctx(dir.path(), "plain", &dir.path().join("w1"), vec![]);
+    run(&plain, &p);
+    let loose = ctx(dir.path(), "loose", &dir.path().join("w2"), vec![]);
+    run(&loose, &TrainParams { grad_clip: Some(1e30), ..p.clone() });
+    assert_eq!(
+        weights(plain.out_dir.join(train::MODEL_FILE)),
+        weights(loose.out_dir.join(train::MODEL_FILE))
+    );
+    let tight = ctx(dir.path(), "tight", &dir.path().join("w3"), vec![]);
+    run(&tight, &TrainParams { grad_clip: Some(1e-4), ..p.clone() });
+    let w = weights(tight.out_dir.join(train::MODEL_FILE));
+    assert!(w.values().flatten().all(|x| x.is_finite()));
+    assert_ne!(w, weights(plain.out_dir.join(train::MODEL_FILE)));
 }

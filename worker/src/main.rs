@@ -229,6 +229,10 @@ fn run_job(
 ) -> anyhow::Result<job::Done> {
     let job = Job::read(path)?;
     tch::set_num_threads(job.threads.max(1) as i32);
+    progdiff_stages::fast::apply(job.fast);
+    if !job.fast.is_none() {
+        tracing::info!(stage = %job.id, fast = ?job.fast, "GPU fast paths on");
+    }
     let prepared = progdiff_stages::run::prepare(&job.kind, &job.inputs)
         .with_context(|| format!("job `{}` in `{}`", job.id, path.display()))?;
     let root = cache_dir.unwrap_or_else(|| job.cache.clone());

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use rand::Rng;
 use rayon::prelude::*;
-use tch::Tensor;
+use tch::{Device, Tensor};
 
 use super::transform::{Pipeline, RawImage};
 use super::{Channels, DataConfig, DataError, Resize, cifar10, files, folder, idx, npz, synthetic};
@@ -200,6 +200,53 @@ impl Dataset {
         Tensor::f_from_slice(&buf).and_then(|t| t.f_view(shape)).map_err(tensor_error)
     }
 
+    /// The whole dataset as one tensor on `device`, when it takes at most `max_bytes` there:
+    /// the raw uint8 pixels when the transforms only scale them (same channels and size), else
+    /// the transformed float32 images. Its [`Resident::batch`] gives exactly the tensors of
+    /// [`Dataset::batch_with_flips`], without decoding or copying anything per batch.
+    pub fn resident(
+        &self,
+        device: Device,
+        max_bytes: usize,
+    ) -> Result<Option<Resident>, DataError> {
+        let (c, h, w) = self.image_shape();
+        let per = self.pipeline.image_len();
+        let raw_fits = self.len * per <= max_bytes;
+        let first = self.source.read(0)?;
+        let plain = (first.channels, first.height, first.width) == (c, h, w);
+        if plain && raw_fits {
+            let mut buf = vec![0u8; self.len * per];
+            let results: Vec<Result<bool, DataError>> = buf
+                .par_chunks_mut(per)
+                .enumerate()
+                .map(|(i, out)| {
+                    let raw = self.source.read(i)?;
+                    let same = (raw.channels, raw.height, raw.width) == (c, h, w);
+                    if same {
+                        out.copy_from_slice(&raw.pixels);
+                    }
+                    Ok(same)
+                })
+                .collect();
+            if results.into_iter().collect::<Result<Vec<bool>, _>>()?.into_iter().all(|b| b) {
+                let shape = [self.len as i64, c as i64, h as i64, w as i64];
+                let t = Tensor::f_from_slice(&buf)
+                    .and_then(|t| t.f_view(shape))
+                    .map_err(tensor_error)?;
+                return Ok(Some(Resident { images: t.to_device(device), scaled: false }));
+            }
+        }
+        if self.len * per * 4 > max_bytes {
+            return Ok(None);
+        }
+        let all: Vec<usize> = (0..self.len).collect();
+        let parts = all
+            .chunks(4096)
+            .map(|chunk| self.batch_unaugmented(chunk).map(|t| t.to_device(device)))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Some(Resident { images: Tensor::cat(&parts, 0), scaled: true }))
+    }
+
     fn write_image(&self, i: usize, flip: bool, out: &mut [f32]) -> Result<(), DataError> {
         let raw = self.source.read(i)?;
         self.pipeline.apply(&raw, flip, out).map_err(|m| {
@@ -222,6 +269,31 @@ impl Dataset {
             Some(&index) => Err(DataError::Index { index, len: self.len }),
             None => Ok(()),
         }
+    }
+}
+
+/// A whole dataset on a device ([`Dataset::resident`]).
+#[derive(Debug)]
+pub struct Resident {
+    /// `[N, C, H, W]`: uint8 pixels, or float32 in `[-1, 1]` when `scaled`.
+    images: Tensor,
+    scaled: bool,
+}
+
+impl Resident {
+    /// Images `indices` (int64 `[B]` on the resident device), image `k` flipped horizontally
+    /// where `flips[k]` (bool `[B]`): float32 `[B, C, H, W]` in `[-1, 1]`, the values of
+    /// [`Dataset::batch_with_flips`] (`x / 127.5 - 1` in float32, then the flip).
+    pub fn batch(&self, indices: &Tensor, flips: &Tensor) -> Tensor {
+        let x = self.images.index_select(0, indices);
+        let x = if self.scaled { x } else { x.to_kind(tch::Kind::Float) / 127.5 - 1.0 };
+        let b = indices.size()[0];
+        x.flip([3]).where_self(&flips.view([b, 1, 1, 1]), &x)
+    }
+
+    /// Bytes it takes on its device.
+    pub fn bytes(&self) -> usize {
+        self.images.numel() * self.images.kind().elt_size_in_bytes()
     }
 }
 

@@ -42,5 +42,5 @@ mod transform;
 
 pub use progdiff_kinds::data::*;
 
-pub use dataset::Dataset;
+pub use dataset::{Dataset, Resident};
 pub use sampler::{EpochSampler, sample_indices};

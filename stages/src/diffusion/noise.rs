@@ -15,6 +15,7 @@
 use std::collections::VecDeque;
 use std::f64::consts::TAU;
 
+use rayon::prelude::*;
 use tch::{Device, Kind, Tensor};
 
 /// A source of standard normal noise.
@@ -62,25 +63,68 @@ impl SeededNoise {
         self.draws
     }
 
+    /// The key of the next draw (and counts it).
+    fn next_draw(&mut self) -> u64 {
+        self.draws += 1;
+        mix(self.key ^ self.draws.wrapping_mul(GOLDEN))
+    }
+
     /// The `n` float64 normals of the next draw; element `i` depends only on `(key, draw, i)`,
     /// so large draws are split across threads without changing the values.
     fn normals(&mut self, n: usize) -> Vec<f64> {
-        self.draws += 1;
-        let base = mix(self.key ^ self.draws.wrapping_mul(GOLDEN));
         let mut out = vec![0.0; n];
-        let threads = std::thread::available_parallelism().map_or(1, |t| t.get());
-        // Chunks of an even length, so a Box-Muller pair never straddles two chunks.
-        let chunk = n.div_ceil(threads).max(PARALLEL_CHUNK).next_multiple_of(2);
-        if n <= chunk {
-            fill_normals(base, 0, &mut out);
-        } else {
-            std::thread::scope(|scope| {
-                for (i, part) in out.chunks_mut(chunk).enumerate() {
-                    scope.spawn(move || fill_normals(base, i * chunk, part));
-                }
-            });
-        }
+        self.fill(&mut out);
         out
+    }
+
+    /// Fills `out` with the next draw, converted to `T` (float32 values are the float64 normals
+    /// rounded to nearest, as a cast of the float64 tensor gives).
+    pub(crate) fn fill<T: Normal>(&mut self, out: &mut [T]) {
+        let base = self.next_draw();
+        // Chunks of an even length, so a Box-Muller pair never straddles two chunks.
+        let chunk = out
+            .len()
+            .div_ceil(rayon::current_num_threads())
+            .max(PARALLEL_CHUNK)
+            .next_multiple_of(2);
+        if out.len() <= chunk {
+            fill_normals(base, 0, out);
+        } else {
+            out.par_chunks_mut(chunk)
+                .enumerate()
+                .for_each(|(i, part)| fill_normals(base, i * chunk, part));
+        }
+    }
+
+    /// The next draw as a CPU tensor of `shape` and `kind` (float32 filled directly; other
+    /// kinds through float64).
+    pub(crate) fn host(&mut self, shape: &[i64], kind: Kind) -> Tensor {
+        let n = shape.iter().product::<i64>().max(0) as usize;
+        if kind == Kind::Float {
+            let mut out = vec![0f32; n];
+            self.fill(&mut out);
+            Tensor::from_slice(&out).view(shape)
+        } else {
+            Tensor::from_slice(&self.normals(n)).view(shape).to_kind(kind)
+        }
+    }
+}
+
+/// What a draw can be written as: float64, or float32 rounded from it.
+pub(crate) trait Normal: Copy + Default + Send {
+    /// `x` as `Self`.
+    fn from_f64(x: f64) -> Self;
+}
+
+impl Normal for f64 {
+    fn from_f64(x: f64) -> Self {
+        x
+    }
+}
+
+impl Normal for f32 {
+    fn from_f64(x: f64) -> Self {
+        x as f32
     }
 }
 
@@ -89,7 +133,7 @@ const PARALLEL_CHUNK: usize = 1 << 16;
 
 /// Fills `out` with the normals `start..start + out.len()` of the draw keyed `base` (`start`
 /// even): normal `2j` and `2j + 1` are the Box-Muller pair of uniforms `2j` and `2j + 1`.
-fn fill_normals(base: u64, start: usize, out: &mut [f64]) {
+pub(crate) fn fill_normals<T: Normal>(base: u64, start: usize, out: &mut [T]) {
     let uniform = |i: usize| mix(base.wrapping_add((i as u64).wrapping_mul(GOLDEN))) >> 11;
     let scale = 1.0 / (1u64 << 53) as f64;
     for (k, pair) in out.chunks_mut(2).enumerate() {
@@ -99,17 +143,16 @@ fn fill_normals(base: u64, start: usize, out: &mut [f64]) {
         let u2 = uniform(i + 1) as f64 * scale;
         let r = (-2.0 * u1.ln()).sqrt();
         let (s, c) = (TAU * u2).sin_cos();
-        pair[0] = r * c;
+        pair[0] = T::from_f64(r * c);
         if let Some(second) = pair.get_mut(1) {
-            *second = r * s;
+            *second = T::from_f64(r * s);
         }
     }
 }
 
 impl NoiseSource for SeededNoise {
     fn randn(&mut self, shape: &[i64], (kind, device): (Kind, Device)) -> Tensor {
-        let n = shape.iter().product::<i64>().max(0) as usize;
-        Tensor::from_slice(&self.normals(n)).view(shape).to_kind(kind).to_device(device)
+        crate::transfer::upload(&self.host(shape, kind), device)
     }
 }
 
@@ -206,7 +249,7 @@ mod tests {
         let mut noise = SeededNoise::new(3);
         let n = 4 * PARALLEL_CHUNK + 3;
         let parallel = noise.normals(n);
-        let base = mix(noise.key ^ noise.draws.wrapping_mul(GOLDEN));
+        let base = mix(noise.key ^ noise.draws().wrapping_mul(GOLDEN));
         let mut serial = vec![0.0; n];
         fill_normals(base, 0, &mut serial);
         assert_eq!(parallel, serial);

@@ -3,7 +3,7 @@
 
 use std::f64::consts::LN_2;
 
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
 use super::DiffusionError;
 use super::likelihood::{discretized_gaussian_log_likelihood, mean_flat, normal_kl};
@@ -131,6 +131,30 @@ impl ProcessTables {
         })
     }
 
+    /// Whether `table` is one of these tables (the same vector, not equal values).
+    fn owns(&self, table: &[f64]) -> bool {
+        [
+            &self.betas,
+            &self.log_betas,
+            &self.alphas_cumprod,
+            &self.alphas_cumprod_prev,
+            &self.alphas_cumprod_next,
+            &self.sqrt_alphas_cumprod,
+            &self.sqrt_one_minus_alphas_cumprod,
+            &self.log_one_minus_alphas_cumprod,
+            &self.sqrt_recip_alphas_cumprod,
+            &self.sqrt_recipm1_alphas_cumprod,
+            &self.posterior_variance,
+            &self.posterior_log_variance_clipped,
+            &self.posterior_mean_coef1,
+            &self.posterior_mean_coef2,
+            &self.fixed_large_variance,
+            &self.fixed_large_log_variance,
+        ]
+        .iter()
+        .any(|v| std::ptr::eq(v.as_ptr(), table.as_ptr()) && v.len() == table.len())
+    }
+
     /// Number of timesteps of the process.
     pub fn len(&self) -> usize {
         self.betas.len()
@@ -197,7 +221,10 @@ pub struct Losses {
 /// The tables stay float64; a tensor operation gathers the entries it needs at the timesteps
 /// `t` (an int64 `[B]` tensor of this process's indices) and casts them to the input's dtype, as
 /// IDDPM's `_extract_into_tensor` does (it casts to float32).
-#[derive(Clone, Debug)]
+///
+/// The tables are uploaded to a device once, per dtype, the first time a step there needs them
+/// (not copied on every call: on a GPU each copy would stall the stream).
+#[derive(Debug)]
 pub struct GaussianDiffusion {
     tables: ProcessTables,
     variance: VarianceKind,
@@ -205,6 +232,30 @@ pub struct GaussianDiffusion {
     rescale_timesteps: bool,
     timestep_map: Vec<usize>,
     original_num_timesteps: usize,
+    uploaded: Uploaded,
+}
+
+/// Tables already on a device: `(table address, device, kind) -> tensor`. Keys are addresses
+/// of `self.tables`' vectors, which never change while the process lives; a clone starts
+/// empty (its tables live elsewhere).
+#[derive(Debug, Default)]
+struct Uploaded(std::sync::Mutex<Vec<(UploadKey, Tensor)>>);
+
+/// `(table address, device, kind)`.
+type UploadKey = (usize, Device, Kind);
+
+impl Clone for GaussianDiffusion {
+    fn clone(&self) -> Self {
+        GaussianDiffusion {
+            tables: self.tables.clone(),
+            variance: self.variance,
+            loss: self.loss,
+            rescale_timesteps: self.rescale_timesteps,
+            timestep_map: self.timestep_map.clone(),
+            original_num_timesteps: self.original_num_timesteps,
+            uploaded: Uploaded::default(),
+        }
+    }
 }
 
 impl GaussianDiffusion {
@@ -222,6 +273,7 @@ impl GaussianDiffusion {
             rescale_timesteps,
             timestep_map: (0..betas.len()).collect(),
             original_num_timesteps: betas.len(),
+            uploaded: Uploaded::default(),
         })
     }
 
@@ -260,6 +312,7 @@ impl GaussianDiffusion {
             rescale_timesteps,
             timestep_map,
             original_num_timesteps: base.len(),
+            uploaded: Uploaded::default(),
         })
     }
 
@@ -334,9 +387,12 @@ impl GaussianDiffusion {
     /// # Shapes
     /// `t: [B]` int64 -> `[B]` float32.
     pub fn model_timesteps(&self, t: &Tensor) -> Tensor {
-        let map: Vec<i64> = self.timestep_map.iter().map(|&i| i as i64).collect();
-        let original =
-            Tensor::from_slice(&map).to_device(t.device()).index_select(0, t).to_kind(Kind::Float);
+        let map =
+            self.on_device(self.timestep_map.as_ptr() as usize, t.device(), Kind::Int64, || {
+                let map: Vec<i64> = self.timestep_map.iter().map(|&i| i as i64).collect();
+                Tensor::from_slice(&map)
+            });
+        let original = map.index_select(0, t).to_kind(Kind::Float);
         if self.rescale_timesteps {
             original * (1000.0 / self.original_num_timesteps as f64)
         } else {
@@ -344,15 +400,48 @@ impl GaussianDiffusion {
         }
     }
 
+    /// `key`'s tensor on `device` as `kind`, made by `make` (on the CPU) and uploaded the first
+    /// time.
+    fn on_device(
+        &self,
+        key: usize,
+        device: Device,
+        kind: Kind,
+        make: impl FnOnce() -> Tensor,
+    ) -> Tensor {
+        let mut cache = self.uploaded.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, t)) = cache.iter().find(|(k, _)| *k == (key, device, kind)) {
+            return t.shallow_clone();
+        }
+        let t = crate::transfer::upload(&make().to_kind(kind), device);
+        cache.push(((key, device, kind), t.shallow_clone()));
+        t
+    }
+
+    /// [`extract`] for `table`, one of this process's own tables (uploaded once per device and
+    /// dtype; the values are the same: the cast to `like`'s dtype commutes with the gather).
+    pub(crate) fn extract(&self, table: &[f64], t: &Tensor, like: &Tensor) -> Tensor {
+        if !self.tables.owns(table) {
+            return extract(table, t, like);
+        }
+        let mut shape = vec![1i64; like.dim()];
+        shape[0] = t.size()[0];
+        self.on_device(table.as_ptr() as usize, t.device(), like.kind(), || {
+            Tensor::from_slice(table)
+        })
+        .index_select(0, t)
+        .view(shape.as_slice())
+    }
+
     /// `q(x_t | x_0)`: mean, variance and log variance.
     pub fn q_mean_variance(&self, x_start: &Tensor, t: &Tensor) -> (Tensor, Tensor, Tensor) {
         let tb = &self.tables;
-        let mean = extract(&tb.sqrt_alphas_cumprod, t, x_start) * x_start;
+        let mean = self.extract(&tb.sqrt_alphas_cumprod, t, x_start) * x_start;
         let one_minus: Vec<f64> = tb.alphas_cumprod.iter().map(|a| 1.0 - a).collect();
         let shape = x_start.size();
-        let variance = extract(&one_minus, t, x_start).expand(&shape, false);
+        let variance = self.extract(&one_minus, t, x_start).expand(&shape, false);
         let log_variance =
-            extract(&tb.log_one_minus_alphas_cumprod, t, x_start).expand(&shape, false);
+            self.extract(&tb.log_one_minus_alphas_cumprod, t, x_start).expand(&shape, false);
         (mean, variance, log_variance)
     }
 
@@ -362,8 +451,8 @@ impl GaussianDiffusion {
     /// `x_start, noise: [B, C, H, W]`, `t: [B]` -> `[B, C, H, W]`.
     pub fn q_sample(&self, x_start: &Tensor, t: &Tensor, noise: &Tensor) -> Tensor {
         assert_eq!(x_start.size(), noise.size(), "noise must have x_start's shape");
-        extract(&self.tables.sqrt_alphas_cumprod, t, x_start) * x_start
-            + extract(&self.tables.sqrt_one_minus_alphas_cumprod, t, x_start) * noise
+        self.extract(&self.tables.sqrt_alphas_cumprod, t, x_start) * x_start
+            + self.extract(&self.tables.sqrt_one_minus_alphas_cumprod, t, x_start) * noise
     }
 
     /// The diffusion posterior `q(x_{t-1} | x_t, x_0)`.
@@ -377,10 +466,11 @@ impl GaussianDiffusion {
         let tb = &self.tables;
         let shape = x_t.size();
         Posterior {
-            mean: extract(&tb.posterior_mean_coef1, t, x_t) * x_start
-                + extract(&tb.posterior_mean_coef2, t, x_t) * x_t,
-            variance: extract(&tb.posterior_variance, t, x_t).expand(&shape, false),
-            log_variance_clipped: extract(&tb.posterior_log_variance_clipped, t, x_t)
+            mean: self.extract(&tb.posterior_mean_coef1, t, x_t) * x_start
+                + self.extract(&tb.posterior_mean_coef2, t, x_t) * x_t,
+            variance: self.extract(&tb.posterior_variance, t, x_t).expand(&shape, false),
+            log_variance_clipped: self
+                .extract(&tb.posterior_log_variance_clipped, t, x_t)
                 .expand(&shape, false),
         }
     }
@@ -388,8 +478,8 @@ impl GaussianDiffusion {
     /// `x_0 = sqrt(1/alpha_bar) x_t - sqrt(1/alpha_bar - 1) eps`.
     pub fn predict_xstart_from_eps(&self, x_t: &Tensor, t: &Tensor, eps: &Tensor) -> Tensor {
         assert_eq!(x_t.size(), eps.size(), "eps must have x_t's shape");
-        extract(&self.tables.sqrt_recip_alphas_cumprod, t, x_t) * x_t
-            - extract(&self.tables.sqrt_recipm1_alphas_cumprod, t, x_t) * eps
+        self.extract(&self.tables.sqrt_recip_alphas_cumprod, t, x_t) * x_t
+            - self.extract(&self.tables.sqrt_recipm1_alphas_cumprod, t, x_t) * eps
     }
 
     /// The epsilon that maps `x_t` to `pred_xstart`.
@@ -399,8 +489,8 @@ impl GaussianDiffusion {
         t: &Tensor,
         pred_xstart: &Tensor,
     ) -> Tensor {
-        (extract(&self.tables.sqrt_recip_alphas_cumprod, t, x_t) * x_t - pred_xstart)
-            / extract(&self.tables.sqrt_recipm1_alphas_cumprod, t, x_t)
+        (self.extract(&self.tables.sqrt_recip_alphas_cumprod, t, x_t) * x_t - pred_xstart)
+            / self.extract(&self.tables.sqrt_recipm1_alphas_cumprod, t, x_t)
     }
 
     /// Splits a model output into (eps, variance values): `[B, 2C, ...]` when the variance is
@@ -446,20 +536,20 @@ impl GaussianDiffusion {
         let (eps, var_values) = self.split_model_output(model_out, x);
         let (variance, log_variance) = match (self.variance, var_values) {
             (VarianceKind::LearnedRange, Some(v)) => {
-                let min_log = extract(&tb.posterior_log_variance_clipped, t, x);
-                let max_log = extract(&tb.log_betas, t, x);
+                let min_log = self.extract(&tb.posterior_log_variance_clipped, t, x);
+                let max_log = self.extract(&tb.log_betas, t, x);
                 // v in [-1, 1] spans [min_var, max_var].
                 let frac = (v + 1.0) / 2.0;
                 let log_variance = &frac * max_log + (1.0f64 - &frac) * min_log;
                 (log_variance.exp(), log_variance)
             }
             (VarianceKind::FixedLarge, _) => (
-                extract(&tb.fixed_large_variance, t, x).expand(&shape, false),
-                extract(&tb.fixed_large_log_variance, t, x).expand(&shape, false),
+                self.extract(&tb.fixed_large_variance, t, x).expand(&shape, false),
+                self.extract(&tb.fixed_large_log_variance, t, x).expand(&shape, false),
             ),
             (VarianceKind::FixedSmall, _) => (
-                extract(&tb.posterior_variance, t, x).expand(&shape, false),
-                extract(&tb.posterior_log_variance_clipped, t, x).expand(&shape, false),
+                self.extract(&tb.posterior_variance, t, x).expand(&shape, false),
+                self.extract(&tb.posterior_log_variance_clipped, t, x).expand(&shape, false),
             ),
             (VarianceKind::LearnedRange, None) => unreachable!("split_model_output checks this"),
         };

@@ -11,7 +11,7 @@
 use tch::{Device, Kind, Tensor};
 
 use super::noise::NoiseSource;
-use super::process::{GaussianDiffusion, extract};
+use super::process::GaussianDiffusion;
 
 /// The denoising model as the samplers call it: `(x_t [B, C, H, W], t_model [B] float32,
 /// original timestep) -> [B, 2C or C, H, W]`.
@@ -118,8 +118,8 @@ impl GaussianDiffusion {
         let out = self.p_mean_variance(&out, x, &t, clip_denoised);
         // Re-derive eps from the (possibly clipped) x_0 prediction.
         let eps = self.predict_eps_from_xstart(x, &t, &out.pred_xstart);
-        let alpha_bar = extract(&self.tables().alphas_cumprod, &t, x);
-        let alpha_bar_prev = extract(&self.tables().alphas_cumprod_prev, &t, x);
+        let alpha_bar = self.extract(&self.tables().alphas_cumprod, &t, x);
+        let alpha_bar_prev = self.extract(&self.tables().alphas_cumprod_prev, &t, x);
         let sigma = ((1.0f64 - &alpha_bar_prev) / (1.0f64 - &alpha_bar)).sqrt()
             * eta
             * (1.0f64 - &alpha_bar / &alpha_bar_prev).sqrt();

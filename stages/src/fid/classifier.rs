@@ -43,9 +43,11 @@ pub struct Classifier {
 
 impl Classifier {
     /// A freshly initialised classifier on `device` (seed libtorch's generator first for a
-    /// reproducible start).
+    /// reproducible start). The weights are drawn on the CPU, then moved: the CPU and GPU
+    /// generators give different streams, and the same key must start from the same weights
+    /// wherever it runs.
     pub fn new(config: ClassifierConfig, device: Device) -> Classifier {
-        let vs = VarStore::new(device);
+        let mut vs = VarStore::new(Device::Cpu);
         let p = vs.root();
         let conv = |c_in, c_out, stride, name: &str| {
             nn::conv2d(
@@ -68,6 +70,7 @@ impl Classifier {
             .add(nn::linear(&p / "fc", 64, f, Default::default()))
             .add_fn(|x| x.relu()); // [B, features]
         let head = nn::linear(&p / "head", f, config.classes as i64, Default::default());
+        vs.set_device(device);
         Classifier { config, vs, body, head }
     }
 

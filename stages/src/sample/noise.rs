@@ -1,5 +1,8 @@
 //! [`ImageNoise`]: one seeded noise stream per image of a batch.
 
+use std::thread::JoinHandle;
+
+use rayon::prelude::*;
 use tch::{Device, Kind, Tensor};
 
 use crate::diffusion::{NoiseSource, SeededNoise};
@@ -10,16 +13,36 @@ const PARALLEL_MIN: usize = 1 << 15;
 /// Noise for a batch whose row `j` is image `first + j` of a run: every draw gives row `j` the
 /// next draw of stream `(seed, first + j)` of [`SeededNoise`], so an image's noise depends only
 /// on the seed, its index and how many draws were made, never on the batch it is in.
-#[derive(Clone, Debug)]
+///
+/// On a GPU the next draw is made ahead, on a background thread into pinned memory, while the
+/// device runs the step that will ask for it, and copied without blocking: a sampling step then
+/// waits neither for the CPU's normals nor for the copy. (A draw of another shape or kind than
+/// the one before it is made on the spot; the values are the same either way.)
+#[derive(Debug)]
 pub struct ImageNoise {
     streams: Vec<SeededNoise>,
+    ahead: Option<Ahead>,
+}
+
+/// A draw being made ahead: the streams after it, and the host tensor.
+#[derive(Debug)]
+struct Ahead {
+    shape: Vec<i64>,
+    kind: Kind,
+    job: JoinHandle<(Vec<SeededNoise>, Tensor)>,
+}
+
+impl Clone for ImageNoise {
+    fn clone(&self) -> Self {
+        ImageNoise { streams: self.streams.clone(), ahead: None }
+    }
 }
 
 impl ImageNoise {
     /// Streams for images `first..first + count` of seed `seed`.
     pub fn new(seed: u64, first: usize, count: usize) -> Self {
         let streams = (first..first + count).map(|i| SeededNoise::stream(seed, i as u64)).collect();
-        ImageNoise { streams }
+        ImageNoise { streams, ahead: None }
     }
 
     /// Number of images (the batch size every draw must have).
@@ -33,6 +56,38 @@ impl ImageNoise {
     }
 }
 
+/// The next draw of every stream as one CPU tensor `shape` (`shape[0]` streams), pinned for
+/// `device` when it is a GPU.
+fn draw(streams: &mut [SeededNoise], shape: &[i64], kind: Kind, device: Device) -> Tensor {
+    let per_image = shape[1..].iter().product::<i64>().max(0) as usize;
+    let host = if kind == Kind::Float {
+        let mut out = vec![0f32; per_image * streams.len()];
+        fill_rows(streams, per_image, &mut out);
+        Tensor::from_slice(&out)
+    } else {
+        let mut out = vec![0f64; per_image * streams.len()];
+        fill_rows(streams, per_image, &mut out);
+        Tensor::from_slice(&out).to_kind(kind)
+    };
+    let host = host.view(shape);
+    if device == Device::Cpu { host } else { host.pin_memory(device) }
+}
+
+fn fill_rows<T: crate::diffusion::noise::Normal>(
+    streams: &mut [SeededNoise],
+    per_image: usize,
+    out: &mut [T],
+) {
+    if per_image == 0 {
+        return;
+    }
+    if per_image * streams.len() < PARALLEL_MIN {
+        streams.iter_mut().zip(out.chunks_mut(per_image)).for_each(|(s, row)| s.fill(row));
+    } else {
+        streams.par_iter_mut().zip(out.par_chunks_mut(per_image)).for_each(|(s, row)| s.fill(row));
+    }
+}
+
 impl NoiseSource for ImageNoise {
     /// # Panics
     /// When `shape[0]` is not the number of images.
@@ -42,25 +97,33 @@ impl NoiseSource for ImageNoise {
             Some(self.streams.len() as i64),
             "ImageNoise: the batch dimension must be the number of images"
         );
-        let mut row = shape.to_vec();
-        row[0] = 1;
-        let per_image = row.iter().product::<i64>().max(0) as usize;
-        let draw = |s: &mut SeededNoise| s.randn(&row, (Kind::Double, Device::Cpu));
-        let threads = std::thread::available_parallelism().map_or(1, |t| t.get());
-        let rows: Vec<Tensor> = if threads == 1 || per_image * self.streams.len() < PARALLEL_MIN {
-            self.streams.iter_mut().map(draw).collect()
-        } else {
-            let chunk = self.streams.len().div_ceil(threads);
-            std::thread::scope(|scope| {
-                let handles: Vec<_> = self
-                    .streams
-                    .chunks_mut(chunk)
-                    .map(|part| scope.spawn(move || part.iter_mut().map(draw).collect::<Vec<_>>()))
-                    .collect();
-                handles.into_iter().flat_map(|h| h.join().expect("noise thread panicked")).collect()
-            })
+        let ready = match self.ahead.take() {
+            Some(a) => {
+                let (streams, host) = a.job.join().expect("the noise thread panicked");
+                (a.shape == shape && a.kind == kind).then(|| {
+                    self.streams = streams;
+                    host
+                })
+            }
+            None => None,
         };
-        Tensor::cat(&rows, 0).to_kind(kind).to_device(device) // [B, ...]
+        let host = match ready {
+            Some(host) => host,
+            None => draw(&mut self.streams, shape, kind, device),
+        };
+        if device != Device::Cpu {
+            let mut next = self.streams.clone();
+            let shape = shape.to_vec();
+            let job = {
+                let shape = shape.clone();
+                std::thread::spawn(move || {
+                    let host = draw(&mut next, &shape, kind, device);
+                    (next, host)
+                })
+            };
+            self.ahead = Some(Ahead { shape, kind, job });
+        }
+        crate::transfer::upload(&host, device) // [B, ...]
     }
 }
 

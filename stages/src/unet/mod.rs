@@ -175,7 +175,7 @@ impl UNet {
         pass.emb = &emb;
 
         let mut skips = Vec::with_capacity(self.input_blocks.len());
-        let mut h = x.shallow_clone();
+        let mut h = crate::fast::layout(x);
         for block in &self.input_blocks {
             h = block.forward(&h, &pass);
             skips.push(h.shallow_clone());
