@@ -387,17 +387,21 @@ pub fn run_with(ctx: &StageContext, inputs: &TrainInputs, update: Update) -> any
             let log_now = done % params.log_every == 0 || done == steps;
             let due = done.is_multiple_of(params.checkpoint_every) || ctx.cancel.is_cancelled();
             let save_now = params.checkpoint_every > 0 && due && done < steps;
+            // The interval so far (`interval` stays what the sums started from).
+            let mut now = None;
             if log_now || save_now {
-                interval = sums.read(&interval)?;
-                if !interval.loss.is_finite() {
+                let read = sums.read(&interval)?;
+                if !read.loss.is_finite() {
                     bail!(
                         "the loss became {} in the {} steps up to step {done}; try a lower `lr`",
-                        interval.loss,
-                        interval.n,
+                        read.loss,
+                        read.n,
                     );
                 }
+                now = Some(read);
             }
             if log_now {
+                let interval = now.take().expect("read at logging steps");
                 let n = interval.n as f64;
                 let mut line = serde_json::json!({
                     "step": done,
@@ -416,9 +420,12 @@ pub fn run_with(ctx: &StageContext, inputs: &TrainInputs, update: Update) -> any
                 metrics.flush()?;
                 ctx.report.metrics(&line);
                 last_loss = interval.loss / n;
-                interval = Interval::default();
-                sums = Sums::new(&interval, device);
+                now = Some(Interval::default());
+                sums = Sums::new(&Interval::default(), device);
                 t_log = Instant::now();
+            }
+            if log_now {
+                interval = Interval::default();
             }
             ctx.report.progress(done as u64, total, "steps", || {
                 if last_loss.is_finite() { format!("loss {last_loss:.4}") } else { String::new() }
@@ -429,7 +436,8 @@ pub fn run_with(ctx: &StageContext, inputs: &TrainInputs, update: Update) -> any
             // stopped.
             if save_now {
                 let (epoch, pos) = host.position;
-                let state = ResumeState { step: done, epoch, pos, interval: interval.clone() };
+                let interval = now.take().expect("read at checkpoint steps");
+                let state = ResumeState { step: done, epoch, pos, interval };
                 let model =
                     Checkpoint::from_var_store(&arch, trainer.model(), step_state(done, None))?;
                 let ema = Checkpoint::from_var_store(
