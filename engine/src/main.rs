@@ -112,7 +112,7 @@ enum Command {
         /// Opt-in GPU fast paths, comma-separated: `cudnn_benchmark`, `channels_last`,
         /// `fused_attention`, or `all`. Faster on GPUs, but results are no longer reproducible
         /// bit for bit (not part of the key; nothing changes on the CPU)
-        #[arg(long, value_delimiter = ',', value_name = "PATHS")]
+        #[arg(long, value_delimiter = ',', value_name = "PATHS", value_parser = fast_path)]
         fast: Vec<String>,
         /// `local` (worker processes here) or `slurm` (one Slurm job or array task per
         /// instance) [default: the profile's, else local]
@@ -247,6 +247,11 @@ enum CacheCommand {
 const EXIT_FAILED: u8 = 1;
 const EXIT_INVALID: u8 = 2;
 const EXIT_INTERRUPTED: u8 = 130;
+
+/// One `--fast` name, checked when the command line is parsed.
+fn fast_path(name: &str) -> Result<String, String> {
+    progdiff_kinds::fast::FastPaths::parse(&[name.to_string()]).map(|_| name.to_string())
+}
 
 fn main() -> ExitCode {
     let cli = Cli::parse();

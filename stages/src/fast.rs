@@ -21,9 +21,10 @@ thread_local! {
     static FUSED_HERE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
-/// Whether attention uses `scaled_dot_product_attention`.
-pub fn fused_attention() -> bool {
-    FUSED_ATTENTION.load(Ordering::Relaxed) || FUSED_HERE.with(|f| f.get())
+/// Whether attention on `device` uses `scaled_dot_product_attention` (the fast path applies
+/// to GPUs only: on the CPU results stay bit for bit those without it).
+pub fn fused_attention(device: tch::Device) -> bool {
+    (FUSED_ATTENTION.load(Ordering::Relaxed) && device.is_cuda()) || FUSED_HERE.with(|f| f.get())
 }
 
 /// Turns fused attention on or off for this thread only (tests).

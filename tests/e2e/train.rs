@@ -114,3 +114,33 @@ fn identical_runs_differ_only_in_the_measured_throughput() {
     assert_eq!(without_timing(&runs[0]), without_timing(&runs[1]));
     assert_eq!(without_timing(&runs[0]).len(), 2);
 }
+
+/// Issue 16: `--fast` reaches the worker (its log says so), is not part of the key (the result
+/// is a cache hit for a run without it), and does nothing on the CPU (same weights); an unknown
+/// name is refused before anything runs.
+#[test]
+fn fast_paths_reach_the_worker_and_leave_the_key_alone() {
+    let manifest = MANIFEST
+        .replace("steps: 150", "steps: 6")
+        .replace("checkpoint_every: 5", "checkpoint_every: 0");
+    let plain = Project::new();
+    plain.write("m.yaml", &manifest);
+    let (out, v) = plain.json(&["run", "--json", "m.yaml"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    let fast = Project::new();
+    fast.write("m.yaml", &manifest);
+    let bad = fast.run(&["run", "--fast", "cudnn,all", "m.yaml"]);
+    assert_eq!(bad.status.code(), Some(2), "{}", stderr(&bad));
+    assert!(
+        stderr(&bad).contains("unknown fast path `cudnn`, expected `all` or one of"),
+        "{}",
+        stderr(&bad)
+    );
+    let (out, f) = fast.json(&["run", "--json", "--fast", "all", "m.yaml"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(outputs(&f)[..2], outputs(&v)[..2], "--fast changed a CPU result");
+    assert_eq!(f["stages"][0]["key"], v["stages"][0]["key"]);
+    let log = fast.run(&["log", "m.yaml", "base"]);
+    assert!(stdout(&log).contains("GPU fast paths on"), "{}", stdout(&log));
+}

@@ -276,7 +276,7 @@ impl Attention {
         let qkv = self.qkv.forward(&self.norm.forward(&xs), pass); // [B, 3*heads*d, T]
         let qkv = qkv.reshape([b * heads, 3 * d, t]); // [B*heads, 3d, T]
         let parts = qkv.split(d, 1); // 3 x [B*heads, d, T]
-        if crate::fast::fused_attention() {
+        if crate::fast::fused_attention(x.device()) {
             // The same softmax(q^T k / sqrt(d)) v, in libtorch's fused kernel ([.., T, d]).
             let [q, k, v] = [0, 1, 2].map(|i| parts[i].transpose(1, 2));
             let a = Tensor::scaled_dot_product_attention(
