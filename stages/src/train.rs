@@ -227,12 +227,29 @@ const RESIDENT_MAX_BYTES: usize = 2 << 30;
 
 /// Runs the stage.
 pub fn run(ctx: &StageContext, inputs: &TrainInputs) -> anyhow::Result<()> {
-    run_with(ctx, inputs, Update::Flat)
+    run_with(ctx, inputs, &How::default())
 }
 
-/// [`run`] with the given update implementation (the tests and benchmark compare the two).
+/// How [`run_with`] runs: the defaults are what [`run`] does; the tests compare the others.
 #[doc(hidden)]
-pub fn run_with(ctx: &StageContext, inputs: &TrainInputs, update: Update) -> anyhow::Result<()> {
+#[derive(Clone, Debug)]
+pub struct How {
+    /// The update implementation.
+    pub update: Update,
+    /// Make each step's host share on a thread a step ahead (`None`: on GPUs only).
+    pub host_thread: Option<bool>,
+}
+
+impl Default for How {
+    fn default() -> Self {
+        How { update: Update::Flat, host_thread: None }
+    }
+}
+
+/// [`run`], as `how` says.
+#[doc(hidden)]
+pub fn run_with(ctx: &StageContext, inputs: &TrainInputs, how: &How) -> anyhow::Result<()> {
+    let update = how.update;
     let params = &inputs.stage;
     let seed = inputs.seed;
     let device = parse_device(&ctx.device)?;
@@ -324,7 +341,7 @@ pub fn run_with(ctx: &StageContext, inputs: &TrainInputs, update: Update) -> any
         // On a GPU the host's share runs on its own thread, a step ahead; on the CPU it would
         // only take cores from libtorch's threads, so it runs in line.
         let mut inline = None;
-        let rx = if device.is_cuda() {
+        let rx = if how.host_thread.unwrap_or(device.is_cuda()) {
             let (tx, rx) = std::sync::mpsc::sync_channel::<anyhow::Result<HostStep>>(1);
             scope.spawn(move || {
                 let mut sampler = start_sampler;

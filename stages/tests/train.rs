@@ -289,19 +289,19 @@ fn bf16_mixed_precision_trains_float32_master_weights() {
 }
 
 /// Model, EMA and (from the step-5 checkpoint in the work area) AdamW's moments of a run of `p`
-/// with the given update implementation.
+/// as `how` says.
 fn trained_state(
     root: &Path,
     name: &str,
     p: &TrainParams,
-    update: Update,
+    how: &train::How,
 ) -> Vec<BTreeMap<String, Vec<f32>>> {
     let work = root.join(format!("work-{name}"));
     let c = ctx(root, name, &work, vec![]);
     tch::set_num_threads(1);
     // A first run stops after its step-5 checkpoint, so the work area keeps the moments.
     let first = ctx(root, &format!("{name}-first"), &work, vec![]);
-    train::run_with(&first, &inputs(&TrainParams { steps: 6, ..p.clone() }), update).unwrap();
+    train::run_with(&first, &inputs(&TrainParams { steps: 6, ..p.clone() }), how).unwrap();
     let moments: BTreeMap<String, Vec<f32>> =
         Tensor::read_safetensors(work.join("ckpt-5").join("adam.safetensors"))
             .unwrap()
@@ -312,7 +312,7 @@ fn trained_state(
     assert!(!moments.is_empty());
     std::fs::remove_dir_all(&work).unwrap();
     std::fs::create_dir_all(&work).unwrap();
-    train::run_with(&c, &inputs(p), update).unwrap();
+    train::run_with(&c, &inputs(p), how).unwrap();
     vec![
         weights(c.out_dir.join(train::MODEL_FILE)),
         weights(c.out_dir.join(train::EMA_FILE)),
@@ -340,8 +340,10 @@ fn flat_buffers_update_exactly_as_the_per_tensor_loops() {
             ..TrainParams::default()
         };
         let tag = format!("{precision:?}");
-        let reference = trained_state(dir.path(), &format!("pt-{tag}"), &p, Update::PerTensor);
-        let flat = trained_state(dir.path(), &format!("flat-{tag}"), &p, Update::Flat);
+        let how = |update| train::How { update, host_thread: None };
+        let reference =
+            trained_state(dir.path(), &format!("pt-{tag}"), &p, &how(Update::PerTensor));
+        let flat = trained_state(dir.path(), &format!("flat-{tag}"), &p, &how(Update::Flat));
         for (what, (a, b)) in ["model", "ema", "moments"].iter().zip(reference.iter().zip(&flat)) {
             assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
             for (name, values) in a {
@@ -412,4 +414,34 @@ fn clipping_on_the_device_matches_no_clipping_when_the_bound_is_loose() {
     let w = weights(tight.out_dir.join(train::MODEL_FILE));
     assert!(w.values().flatten().all(|x| x.is_finite()));
     assert_ne!(w, weights(plain.out_dir.join(train::MODEL_FILE)));
+}
+
+/// The host's share of each step made a step ahead on a thread (what GPUs do) gives the run
+/// made in line (what the CPU does): the same weights, moments and metrics, and the same
+/// resume state (sampler position) at a checkpoint.
+#[test]
+fn the_host_thread_gives_the_inline_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = TrainParams {
+        steps: 9,
+        batch_size: 8,
+        lr: 1e-3,
+        ema: 0.9,
+        log_every: 3,
+        checkpoint_every: 5,
+        ..TrainParams::default()
+    };
+    let inline = train::How { update: Update::Flat, host_thread: Some(false) };
+    let threaded = train::How { update: Update::Flat, host_thread: Some(true) };
+    let a = trained_state(dir.path(), "inline", &p, &inline);
+    let b = trained_state(dir.path(), "threaded", &p, &threaded);
+    assert_eq!(a, b);
+    let state = |name: &str| {
+        std::fs::read_to_string(
+            dir.path().join(format!("work-{name}")).join("ckpt-5").join("state.json"),
+        )
+    };
+    // The full runs' own step-5 resume states (sampler position, interval in progress).
+    assert_eq!(state("inline").unwrap(), state("threaded").unwrap());
+    assert_eq!(metrics(&dir.path().join("inline")), metrics(&dir.path().join("threaded")));
 }

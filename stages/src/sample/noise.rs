@@ -22,6 +22,8 @@ const PARALLEL_MIN: usize = 1 << 15;
 pub struct ImageNoise {
     streams: Vec<SeededNoise>,
     ahead: Option<Ahead>,
+    /// Draw ahead also on the CPU (tests of the GPU path).
+    always_ahead: bool,
 }
 
 /// A draw being made ahead: the streams after it, and the host tensor.
@@ -34,7 +36,7 @@ struct Ahead {
 
 impl Clone for ImageNoise {
     fn clone(&self) -> Self {
-        ImageNoise { streams: self.streams.clone(), ahead: None }
+        ImageNoise { streams: self.streams.clone(), ahead: None, always_ahead: self.always_ahead }
     }
 }
 
@@ -42,7 +44,15 @@ impl ImageNoise {
     /// Streams for images `first..first + count` of seed `seed`.
     pub fn new(seed: u64, first: usize, count: usize) -> Self {
         let streams = (first..first + count).map(|i| SeededNoise::stream(seed, i as u64)).collect();
-        ImageNoise { streams, ahead: None }
+        ImageNoise { streams, ahead: None, always_ahead: false }
+    }
+
+    /// Makes every next draw ahead on a background thread, as on a GPU, even on the CPU (to
+    /// test that path; the values are the same).
+    #[doc(hidden)]
+    pub fn drawing_ahead(mut self) -> Self {
+        self.always_ahead = true;
+        self
     }
 
     /// Number of images (the batch size every draw must have).
@@ -111,7 +121,7 @@ impl NoiseSource for ImageNoise {
             Some(host) => host,
             None => draw(&mut self.streams, shape, kind, device),
         };
-        if device != Device::Cpu {
+        if device != Device::Cpu || self.always_ahead {
             let mut next = self.streams.clone();
             let shape = shape.to_vec();
             let job = {
@@ -142,6 +152,26 @@ mod tests {
             let mut own = SeededNoise::stream(7, 3 + j as u64);
             assert!(first.get(j).equal(&own.randn(&[1, 2, 3], CPU64).squeeze_dim(0)));
             assert!(second.get(j).equal(&own.randn(&[1, 2, 3], CPU64).squeeze_dim(0)));
+        }
+    }
+
+    #[test]
+    fn drawing_ahead_gives_the_same_draws() {
+        let mut now = ImageNoise::new(5, 2, 3);
+        let mut ahead = ImageNoise::new(5, 2, 3).drawing_ahead();
+        // Same shape twice (the second made ahead), then another shape and kind (the draw made
+        // ahead is dropped, the streams do not advance for it), then the first again.
+        for (shape, kind) in [
+            (vec![3, 2, 4], Kind::Float),
+            (vec![3, 2, 4], Kind::Float),
+            (vec![3, 5], Kind::Double),
+            (vec![3, 2, 4], Kind::Float),
+            (vec![3, 2, 4], Kind::Float),
+        ] {
+            let a = now.randn(&shape, (kind, Device::Cpu));
+            let b = ahead.randn(&shape, (kind, Device::Cpu));
+            assert_eq!(a.kind(), kind);
+            assert!(a.equal(&b), "{shape:?} {kind:?}");
         }
     }
 
