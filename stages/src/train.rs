@@ -320,7 +320,7 @@ pub fn run_with(ctx: &StageContext, inputs: &TrainInputs, how: &How) -> anyhow::
                 q as i64
             })
             .collect();
-        let pin = |t: Tensor| if device == Device::Cpu { t } else { t.pin_memory(device) };
+        let pin = |t: Tensor| crate::transfer::pin(t, device);
         let indices: Vec<i64> = idx.iter().map(|&i| i as i64).collect();
         let shape = [batch as i64, c as i64, h as i64, w as i64];
         Ok(HostStep {

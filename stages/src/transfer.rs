@@ -41,16 +41,23 @@ pub fn read_f64s(t: &Tensor) -> Vec<f64> {
     Vec::<f64>::try_from(&host).expect("a float64 CPU tensor converts to Vec<f64>")
 }
 
-/// `host` (a CPU tensor) on `device`: itself on the CPU; on a GPU, copied from pinned memory
-/// without waiting (the copy is ordered before any later kernel on the device's stream).
+/// `host` (a CPU tensor) in pinned (page-locked) memory when `device` is a GPU, so that
+/// [`upload`] copies it by DMA without blocking; itself on the CPU. (libtorch's `pin_memory`
+/// with a device argument warns on every call in 2.x; `_pin_memory` does the same work.)
+pub fn pin(host: Tensor, device: Device) -> Tensor {
+    match device {
+        Device::Cpu => host,
+        _ => host.internal_pin_memory(device),
+    }
+}
+
+/// `host` (a CPU tensor) on `device`: itself on the CPU; on a GPU, copied without waiting for
+/// the device (ordered before any later kernel on its stream). Pinned memory ([`pin`]) is copied
+/// asynchronously; pageable memory is staged by the driver first, still without a device sync.
 pub fn upload(host: &Tensor, device: Device) -> Tensor {
     match device {
         Device::Cpu => host.shallow_clone(),
-        _ => {
-            let pinned =
-                if host.is_pinned(device) { host.shallow_clone() } else { host.pin_memory(device) };
-            pinned.to_device_(device, pinned.kind(), true, false)
-        }
+        _ => host.to_device_(device, host.kind(), true, false),
     }
 }
 

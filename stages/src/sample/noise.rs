@@ -80,7 +80,7 @@ fn draw(streams: &mut [SeededNoise], shape: &[i64], kind: Kind, device: Device) 
         Tensor::from_slice(&out).to_kind(kind)
     };
     let host = host.view(shape);
-    if device == Device::Cpu { host } else { host.pin_memory(device) }
+    crate::transfer::pin(host, device)
 }
 
 fn fill_rows<T: crate::diffusion::noise::Normal>(
