@@ -103,9 +103,10 @@ fn layer_of(name: &str) -> &str {
     name.rsplit_once('.').map(|(l, _)| l).unwrap_or(name)
 }
 
-/// Segments start at multiples of this many elements (64 bytes of float32): vectorised kernels
-/// and oneDNN convolutions are slower on unaligned weights. The padding stays zero.
-const ALIGN: i64 = 16;
+/// Segments start at multiples of this many elements (256 bytes of float32, 128 of bfloat16):
+/// vectorised kernels, oneDNN and cuDNN are slower on (or refuse to vectorise) unaligned
+/// weights. The padding stays zero: it gets zero gradients, moments and updates.
+const ALIGN: i64 = 64;
 
 /// `(offset, numel)` of each tensor in a flat buffer, and the buffer's length.
 fn layout(tensors: &[Tensor]) -> (Vec<(i64, i64)>, i64) {
