@@ -90,6 +90,26 @@ struct HalfModel {
     _vs: VarStore,
 }
 
+/// One `torch.optim.AdamW` update of `p` in place, with moments `m`, `v` and bias corrections
+/// `bc1`, `bc2`: the same elementwise operations whether the tensors are one parameter or the
+/// flat buffer of all of them, so both give the same bits.
+#[allow(clippy::too_many_arguments)]
+fn adamw(p: &Tensor, g: &Tensor, m: &Tensor, v: &Tensor, lr: f64, wd: f64, bc1: f64, bc2: f64) {
+    let (mut p, mut m, mut v) = (p.shallow_clone(), m.shallow_clone(), v.shallow_clone());
+    if wd != 0.0 {
+        let _ = p.g_mul_scalar_(1.0 - lr * wd);
+    }
+    let _ = m.g_mul_scalar_(BETA1).g_add_(&(g * (1.0 - BETA1)));
+    let _ = v.g_mul_scalar_(BETA2).g_add_(&(g * g * (1.0 - BETA2)));
+    let denom = v.sqrt() / bc2.sqrt() + EPS;
+    let _ = p.g_add_(&(&m / denom * (-lr / bc1)));
+}
+
+/// `ema <- rate * ema + (1 - rate) * p`, in place.
+fn ema_update(ema: &Tensor, p: &Tensor, rate: f64) {
+    let _ = ema.shallow_clone().g_mul_scalar_(rate).g_add_(&(p * (1.0 - rate)));
+}
+
 /// A layer is a convolution when its weight has 3 or more dimensions.
 fn conv_layers(named: &[(String, Tensor)]) -> std::collections::BTreeSet<String> {
     named
@@ -164,16 +184,13 @@ impl Trainer {
         let mut named: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
         named.sort_by(|a, b| a.0.cmp(&b.0));
         let bf16 = params.precision == Precision::Bf16;
-        let convs = conv_layers(&named);
+        let mut n16 = 0;
         if bf16 {
             // Convolutions first: their bfloat16 copies are then one slice of the buffer.
+            let convs = conv_layers(&named);
             named.sort_by_key(|(n, _)| !convs.contains(layer_of(n)));
+            n16 = named.iter().filter(|(n, _)| convs.contains(layer_of(n))).count();
         }
-        let n16 = if bf16 {
-            named.iter().filter(|(n, _)| convs.contains(layer_of(n))).count()
-        } else {
-            0
-        };
         let ema_vars = ema_vs.variables();
         let ema: Vec<Tensor> = named.iter().map(|(n, _)| ema_vars[n].shallow_clone()).collect();
 
@@ -304,7 +321,14 @@ impl Trainer {
         }
         loss.backward();
         match &self.flat {
-            None => self.pt_grads = self.grads(),
+            None => {
+                // Float32 gradients of the master parameters (bf16: cast), undefined: none.
+                let grads = self.trained().iter().map(|v| v.grad()).collect::<Vec<_>>();
+                self.pt_grads = grads
+                    .into_iter()
+                    .map(|g| if g.defined() { g.to_kind(Kind::Float) } else { g })
+                    .collect();
+            }
             Some(f) if f.grads.is_none() => self.adopt_grads(),
             Some(_) => {}
         }
@@ -320,13 +344,10 @@ impl Trainer {
     fn adopt_grads(&mut self) {
         let trained = self.trained();
         let n16 = self.half.as_ref().map_or(0, |h| h.n16);
+        // The bfloat16 gradients mirror the bfloat16 weights.
+        let g16 = self.half.as_ref().and_then(|h| h.flat16.as_ref()).map(Tensor::zeros_like);
         let f = self.flat.as_mut().expect("flat");
-        let device = f.p.device();
-        let g = Tensor::zeros([f.p.numel() as i64], (Kind::Float, device));
-        let g16 = (n16 > 0).then(|| {
-            let n = f.segments.get(n16).map_or(f.p.numel() as i64, |s| s.0);
-            Tensor::zeros([n], (Kind::BFloat16, device))
-        });
+        let g = f.p.zeros_like();
         let mut unused = Vec::new();
         tch::no_grad(|| {
             for (i, v) in trained.iter().enumerate() {
@@ -343,18 +364,6 @@ impl Trainer {
             }
         });
         f.grads = Some(FlatGrads { g, g16, unused });
-    }
-
-    /// The float32 gradients of the master parameters, aligned with the parameters in layout
-    /// order (undefined: no gradient).
-    fn grads(&self) -> Vec<Tensor> {
-        self.trained()
-            .iter()
-            .map(|v| {
-                let g = v.grad();
-                if g.defined() { g.to_kind(Kind::Float) } else { g }
-            })
-            .collect()
     }
 
     /// Scales the gradients so their global L2 norm is at most `max`, as
@@ -400,47 +409,27 @@ impl Trainer {
             Some(g) => {
                 let f = self.flat.as_ref().expect("flat");
                 let unused = &f.grads.as_ref().expect("grads").unused;
-                let mut p = f.p.shallow_clone();
-                if wd != 0.0 {
-                    if unused.is_empty() {
-                        let _ = p.g_mul_scalar_(1.0 - lr * wd);
-                    } else {
-                        for (i, &(off, len)) in f.segments.iter().enumerate() {
-                            if !unused.contains(&i) {
-                                let _ = p.narrow(0, off, len).g_mul_scalar_(1.0 - lr * wd);
-                            }
+                if wd != 0.0 && !unused.is_empty() {
+                    for (i, &(off, len)) in f.segments.iter().enumerate() {
+                        if !unused.contains(&i) {
+                            let _ = f.p.narrow(0, off, len).g_mul_scalar_(1.0 - lr * wd);
                         }
                     }
                 }
                 // Unused parameters have zero gradients and keep zero moments: the update adds
-                // exactly zero to them.
-                let (mut m, mut v) = (f.m.shallow_clone(), f.v.shallow_clone());
-                let _ = m.g_mul_scalar_(BETA1).g_add_(&(&g * (1.0 - BETA1)));
-                let _ = v.g_mul_scalar_(BETA2).g_add_(&(&g * &g * (1.0 - BETA2)));
-                let denom = v.sqrt() / bc2.sqrt() + EPS;
-                let _ = p.g_add_(&(&m / denom * (-lr / bc1)));
-                let mut e = f.ema.shallow_clone();
-                let _ = e.g_mul_scalar_(rate).g_add_(&(&p * (1.0 - rate)));
+                // exactly zero to them (and they were not decayed above).
+                let decay = if unused.is_empty() { wd } else { 0.0 };
+                adamw(&f.p, &g, &f.m, &f.v, lr, decay, bc1, bc2);
+                ema_update(&f.ema, &f.p, rate);
             }
             None => {
-                let grads = &self.pt_grads;
                 for (i, (_, p)) in self.named.iter().enumerate() {
-                    let g = &grads[i];
-                    if !g.defined() {
-                        continue;
+                    if self.pt_grads[i].defined() {
+                        adamw(p, &self.pt_grads[i], &self.m[i], &self.v[i], lr, wd, bc1, bc2);
                     }
-                    let mut p = p.shallow_clone();
-                    if wd != 0.0 {
-                        let _ = p.g_mul_scalar_(1.0 - lr * wd);
-                    }
-                    let _ = self.m[i].g_mul_scalar_(BETA1).g_add_(&(g * (1.0 - BETA1)));
-                    let _ = self.v[i].g_mul_scalar_(BETA2).g_add_(&(g * g * (1.0 - BETA2)));
-                    let denom = self.v[i].sqrt() / bc2.sqrt() + EPS;
-                    let _ = p.g_add_(&(&self.m[i] / denom * (-lr / bc1)));
                 }
                 for (e, (_, p)) in self.ema.iter().zip(&self.named) {
-                    let mut e = e.shallow_clone();
-                    let _ = e.g_mul_scalar_(rate).g_add_(&(p * (1.0 - rate)));
+                    ema_update(e, p, rate);
                 }
             }
         });

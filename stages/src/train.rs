@@ -205,21 +205,38 @@ struct Interval {
 /// batch order, flips, timesteps and noise are functions of `(seed, step)`, so making them early
 /// changes nothing).
 struct HostStep {
-    step: usize,
     /// The sampler's position after this step's batch (saved with a checkpoint after it).
     position: (u64, usize),
-    /// The batch, decoded on the host (datasets not held on the device).
-    x0: Option<Tensor>,
-    /// Image indices, int64 `[B]` (datasets held on the device).
-    indices: Tensor,
-    /// Flips, bool `[B]`.
-    flips: Tensor,
+    batch: HostBatch,
     /// Row 0: the timesteps, row 1: their quartile; int64 `[2, B]`.
     t_q: Tensor,
     /// How many of the batch's timesteps fall in each quartile.
     quartile_counts: [usize; 4],
     /// Float32 `[B, C, H, W]`.
     noise: Tensor,
+}
+
+/// A step's batch as the host makes it.
+enum HostBatch {
+    /// Decoded and flipped on the host (datasets not held on the device).
+    Decoded(Tensor),
+    /// Image indices, int64 `[B]`, and flips, bool `[B]`, of a dataset held on the device.
+    Indices(Tensor, Tensor),
+}
+
+/// Where the loop gets each step's [`HostStep`]: made in line, or by a thread a step ahead.
+enum Feed<F> {
+    Inline(F, EpochSampler),
+    Thread(std::sync::mpsc::Receiver<anyhow::Result<HostStep>>),
+}
+
+impl<F: FnMut(usize, &mut EpochSampler) -> anyhow::Result<HostStep>> Feed<F> {
+    fn next(&mut self, step: usize) -> anyhow::Result<HostStep> {
+        match self {
+            Feed::Inline(make, sampler) => make(step, sampler),
+            Feed::Thread(rx) => rx.recv().context("the data thread stopped")?,
+        }
+    }
 }
 
 /// Datasets up to this size are held on the training device whole.
@@ -249,7 +266,6 @@ impl Default for How {
 /// [`run`], as `how` says.
 #[doc(hidden)]
 pub fn run_with(ctx: &StageContext, inputs: &TrainInputs, how: &How) -> anyhow::Result<()> {
-    let update = how.update;
     let params = &inputs.stage;
     let seed = inputs.seed;
     let device = parse_device(&ctx.device)?;
@@ -281,7 +297,7 @@ pub fn run_with(ctx: &StageContext, inputs: &TrainInputs, how: &How) -> anyhow::
         None => (0, initial_checkpoint(ctx, inputs)?, None, None),
     };
     let arch = init.arch.clone();
-    let mut trainer = Trainer::new(&init, ema_init.as_ref(), moments, params, device, update)?;
+    let mut trainer = Trainer::new(&init, ema_init.as_ref(), moments, params, device, how.update)?;
     drop(init);
     drop(ema_init);
     let resident = dataset.resident(device, RESIDENT_MAX_BYTES).context("loading the dataset")?;
@@ -308,7 +324,6 @@ pub fn run_with(ctx: &StageContext, inputs: &TrainInputs, how: &How) -> anyhow::
         } else {
             vec![false; batch]
         };
-        let x0 = if on_device { None } else { Some(dataset.batch_with_flips(&idx, &flips)?) };
         let t_idx = uniform_indices(stream(seed, s, 2), batch, allowed.len());
         let t_vals: Vec<i64> = t_idx.iter().map(|&i| allowed[i] as i64).collect();
         let mut quartile_counts = [0; 4];
@@ -321,14 +336,16 @@ pub fn run_with(ctx: &StageContext, inputs: &TrainInputs, how: &How) -> anyhow::
             })
             .collect();
         let pin = |t: Tensor| crate::transfer::pin(t, device);
-        let indices: Vec<i64> = idx.iter().map(|&i| i as i64).collect();
+        let batch_of = if on_device {
+            let indices: Vec<i64> = idx.iter().map(|&i| i as i64).collect();
+            HostBatch::Indices(pin(Tensor::from_slice(&indices)), pin(Tensor::from_slice(&flips)))
+        } else {
+            HostBatch::Decoded(pin(dataset.batch_with_flips(&idx, &flips)?))
+        };
         let shape = [batch as i64, c as i64, h as i64, w as i64];
         Ok(HostStep {
-            step,
             position,
-            x0: x0.map(pin),
-            indices: pin(Tensor::from_slice(&indices)),
-            flips: pin(Tensor::from_slice(&flips)),
+            batch: batch_of,
             t_q: pin(Tensor::from_slice(&[t_vals, q_vals].concat()).view([2, batch as i64])),
             quartile_counts,
             noise: pin(SeededNoise::stream(seed, stream(seed, s, 3)).host(&shape, Kind::Float)),
@@ -336,15 +353,13 @@ pub fn run_with(ctx: &StageContext, inputs: &TrainInputs, how: &How) -> anyhow::
     };
 
     let steps = params.steps;
-    let start_sampler = sampler.clone();
     std::thread::scope(|scope| -> anyhow::Result<()> {
         // On a GPU the host's share runs on its own thread, a step ahead; on the CPU it would
         // only take cores from libtorch's threads, so it runs in line.
-        let mut inline = None;
-        let rx = if how.host_thread.unwrap_or(device.is_cuda()) {
+        let mut feed = if how.host_thread.unwrap_or(device.is_cuda()) {
             let (tx, rx) = std::sync::mpsc::sync_channel::<anyhow::Result<HostStep>>(1);
             scope.spawn(move || {
-                let mut sampler = start_sampler;
+                let mut sampler = sampler;
                 for step in start..steps {
                     let made = make(step, &mut sampler);
                     let failed = made.is_err();
@@ -353,29 +368,23 @@ pub fn run_with(ctx: &StageContext, inputs: &TrainInputs, how: &How) -> anyhow::
                     }
                 }
             });
-            Some(rx)
+            Feed::Thread(rx)
         } else {
-            inline = Some((make, start_sampler));
-            None
+            Feed::Inline(make, sampler)
         };
         let mut sums = Sums::new(&interval, device);
         let mut last_loss = f64::NAN;
         let mut t_log = Instant::now();
         for step in start..steps {
             ctx.cancel.check()?;
-            let host = match (&rx, &mut inline) {
-                (Some(rx), _) => rx.recv().context("the data thread stopped")??,
-                (None, Some((make, sampler))) => make(step, sampler)?,
-                (None, None) => unreachable!("the host's share runs on a thread or in line"),
-            };
-            debug_assert_eq!(host.step, step);
+            let host = feed.next(step)?;
             let s = step as u64;
-            let x0 = match (&resident, &host.x0) {
-                (Some(r), _) => {
-                    r.batch(&upload(&host.indices, device), &upload(&host.flips, device))
+            let x0 = match (&host.batch, &resident) {
+                (HostBatch::Decoded(x0), _) => upload(x0, device),
+                (HostBatch::Indices(indices, flips), Some(r)) => {
+                    r.batch(&upload(indices, device), &upload(flips, device))
                 }
-                (None, Some(x0)) => upload(x0, device),
-                (None, None) => unreachable!("a host batch is made when the data is not resident"),
+                (HostBatch::Indices(..), None) => unreachable!("indices only for resident data"),
             };
             let t_q = upload(&host.t_q, device);
             let (t, q) = (t_q.get(0), t_q.get(1));
@@ -404,21 +413,18 @@ pub fn run_with(ctx: &StageContext, inputs: &TrainInputs, how: &How) -> anyhow::
             let log_now = done % params.log_every == 0 || done == steps;
             let due = done.is_multiple_of(params.checkpoint_every) || ctx.cancel.is_cancelled();
             let save_now = params.checkpoint_every > 0 && due && done < steps;
-            // The interval so far (`interval` stays what the sums started from).
-            let mut now = None;
             if log_now || save_now {
-                let read = sums.read(&interval)?;
-                if !read.loss.is_finite() {
+                let so_far = sums.read();
+                if !so_far.loss.is_finite() {
                     bail!(
                         "the loss became {} in the {} steps up to step {done}; try a lower `lr`",
-                        read.loss,
-                        read.n,
+                        so_far.loss,
+                        so_far.n,
                     );
                 }
-                now = Some(read);
             }
             if log_now {
-                let interval = now.take().expect("read at logging steps");
+                let interval = sums.read();
                 let n = interval.n as f64;
                 let mut line = serde_json::json!({
                     "step": done,
@@ -437,12 +443,8 @@ pub fn run_with(ctx: &StageContext, inputs: &TrainInputs, how: &How) -> anyhow::
                 metrics.flush()?;
                 ctx.report.metrics(&line);
                 last_loss = interval.loss / n;
-                now = Some(Interval::default());
                 sums = Sums::new(&Interval::default(), device);
                 t_log = Instant::now();
-            }
-            if log_now {
-                interval = Interval::default();
             }
             ctx.report.progress(done as u64, total, "steps", || {
                 if last_loss.is_finite() { format!("loss {last_loss:.4}") } else { String::new() }
@@ -453,8 +455,7 @@ pub fn run_with(ctx: &StageContext, inputs: &TrainInputs, how: &How) -> anyhow::
             // stopped.
             if save_now {
                 let (epoch, pos) = host.position;
-                let interval = now.take().expect("read at checkpoint steps");
-                let state = ResumeState { step: done, epoch, pos, interval };
+                let state = ResumeState { step: done, epoch, pos, interval: sums.read() };
                 let model =
                     Checkpoint::from_var_store(&arch, trainer.model(), step_state(done, None))?;
                 let ema = Checkpoint::from_var_store(
@@ -483,12 +484,17 @@ pub fn run_with(ctx: &StageContext, inputs: &TrainInputs, how: &How) -> anyhow::
 
 /// The running sums of a logging interval, on the device: `[loss, mse, vb, q0..q3]` in
 /// float64, added to in the order the host added them before (so the logged means are the
-/// same), read back only when logging or checkpointing.
+/// same), read back only when logging or checkpointing (once per step at most).
 struct Sums {
     acc: Tensor,
-    /// Host-side counts: steps, and samples per quartile.
-    steps: usize,
+    /// Steps in the interval and samples per quartile, counted on the host (including a
+    /// resumed run's steps before it started).
+    n: usize,
     counts: [usize; 4],
+    /// Steps added by this process (for the throughput).
+    steps: usize,
+    /// The last read, while nothing was added since.
+    read: Option<Interval>,
 }
 
 impl Sums {
@@ -496,8 +502,13 @@ impl Sums {
     fn new(interval: &Interval, device: Device) -> Sums {
         let mut init = vec![interval.loss, interval.mse, interval.vb];
         init.extend(interval.quartile.iter().map(|q| q.0));
-        let acc = upload(&Tensor::from_slice(&init), device);
-        Sums { acc, steps: 0, counts: [0; 4] }
+        Sums {
+            acc: upload(&Tensor::from_slice(&init), device),
+            n: interval.n,
+            counts: interval.quartile.map(|q| q.1),
+            steps: 0,
+            read: Some(interval.clone()),
+        }
     }
 
     fn add(
@@ -520,26 +531,27 @@ impl Sums {
             let per = losses.loss.detach().to_kind(Kind::Double);
             let _ = self.acc.narrow(0, 3, 4).index_add_(0, q, &per);
         });
+        self.n += 1;
         self.steps += 1;
         for (c, n) in self.counts.iter_mut().zip(counts) {
             *c += n;
         }
+        self.read = None;
     }
 
-    /// The interval so far: `base` (its state when these sums started) plus the sums.
-    fn read(&self, base: &Interval) -> anyhow::Result<Interval> {
-        let v = read_f64s(&self.acc);
-        let mut out = Interval {
-            n: base.n + self.steps,
-            loss: v[0],
-            mse: v[1],
-            vb: v[2],
-            ..Interval::default()
-        };
-        for q in 0..4 {
-            out.quartile[q] = (v[3 + q], base.quartile[q].1 + self.counts[q]);
+    /// The interval so far (one device read, unless nothing was added since the last).
+    fn read(&mut self) -> Interval {
+        if let Some(read) = &self.read {
+            return read.clone();
         }
-        Ok(out)
+        let v = read_f64s(&self.acc);
+        let mut out =
+            Interval { n: self.n, loss: v[0], mse: v[1], vb: v[2], ..Interval::default() };
+        for q in 0..4 {
+            out.quartile[q] = (v[3 + q], self.counts[q]);
+        }
+        self.read = Some(out.clone());
+        out
     }
 }
 

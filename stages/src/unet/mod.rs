@@ -243,6 +243,27 @@ mod tests {
         }
     }
 
+    /// Issue 16: `--fast fused_attention` computes the written-out attention.
+    #[test]
+    fn fused_attention_computes_the_written_out_attention() {
+        let vs = nn::VarStore::new(Device::Cpu);
+        let net = UNet::new(&vs.root(), &UNetArch::from_config(&tiny_config()).unwrap()).unwrap();
+        tch::manual_seed(1);
+        tch::no_grad(|| {
+            for (_, mut v) in vs.variables() {
+                v.copy_(&(Tensor::randn(v.size(), (Kind::Float, Device::Cpu)) * 0.2));
+            }
+        });
+        let x = Tensor::randn([2, 1, 8, 8], (Kind::Float, Device::Cpu));
+        let t = Tensor::from_slice(&[3.0f32, 700.0]);
+        let plain = net.forward_t(&x, &t, false);
+        crate::fast::fused_attention_on_this_thread(true);
+        let fused = net.forward_t(&x, &t, false);
+        crate::fast::fused_attention_on_this_thread(false);
+        assert!(plain.abs().sum(Kind::Float).double_value(&[]) > 0.0);
+        assert!(fused.allclose(&plain, 1e-4, 1e-5, false), "{}", (&fused - &plain).abs().max());
+    }
+
     #[test]
     fn rejects_invalid_arch() {
         let vs = nn::VarStore::new(Device::Cpu);
