@@ -21,5 +21,6 @@ pub mod report_plots;
 pub mod resources;
 pub mod schema;
 pub mod slurm;
+pub mod slurm_gc;
 pub mod summary;
 pub mod worker;

@@ -734,6 +734,38 @@ fn cache_command(cli: &Cli, cmd: &CacheCommand, out: &mut impl Write) -> anyhow:
                     r.skipped_locked.len()
                 )?;
             }
+            let s = progdiff::slurm_gc::gc(
+                &cache,
+                &keep,
+                *dry_run,
+                progdiff_cache::GcOptions::default().min_age,
+            )?;
+            if !s.is_empty() {
+                writeln!(
+                    out,
+                    "{}{} Slurm job records, {} exit markers, {} Slurm output files, {} batch scripts ({})",
+                    if s.dry_run { "would remove " } else { "removed " },
+                    s.key_records_removed,
+                    s.markers_removed,
+                    s.outputs_removed,
+                    s.scripts_removed,
+                    human_bytes(s.bytes_freed),
+                )?;
+            }
+            if s.keys_left > 0 {
+                match &s.queue_error {
+                    Some(e) => writeln!(
+                        out,
+                        "left the Slurm files of {} stages alone: the queue could not be read to tell whether their jobs still run ({e})",
+                        s.keys_left
+                    )?,
+                    None => writeln!(
+                        out,
+                        "left the Slurm files of {} stages alone: their jobs are still queued or running",
+                        s.keys_left
+                    )?,
+                }
+            }
             Ok(0)
         }
     }

@@ -626,6 +626,108 @@ fn slurm_ctrl_c_cancels_the_runs_jobs() {
     });
 }
 
+/// The files under `dir` (recursively), by name, sorted.
+fn files_under(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(files_under(&p));
+        } else {
+            out.push(e.file_name().to_string_lossy().into_owned());
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn slurm_gc_removes_the_job_files_of_finished_stages_and_spares_live_jobs() {
+    if !slurm() {
+        return;
+    }
+    let c = Cluster::new();
+    c.p.write(
+        "m.yaml",
+        "stages:
+  ok: { kind: command, run: 'echo ok > $PROGDIFF_OUT/ok' }
+  bad: { kind: command, run: 'echo broken; exit 3' }
+",
+    );
+    let (out, v) = c.run(&["run", "--json", "m.yaml"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let job_of = |id: &str| {
+        let log = std::fs::read_to_string(stage(&v, id)["log"].as_str().unwrap()).unwrap();
+        let line = log.lines().find(|l| l.contains("slurm job ")).unwrap().to_string();
+        line.split("slurm job ").nth(1).unwrap().split_whitespace().next().unwrap().to_string()
+    };
+    let (ok, bad) = (job_of("ok"), job_of("bad"));
+    let slurm = c.p.cache().join("v1/slurm");
+    let markers = || {
+        files_under(&c.p.cache().join("v1/logs"))
+            .into_iter()
+            .filter(|n| n.ends_with(".exit.json"))
+            .count()
+    };
+    let (keys, outs) = (|| files_under(&slurm.join("keys")), || files_under(&slurm.join("out")));
+    assert_eq!((keys().len(), markers()), (2, 2));
+    assert_eq!(outs(), [format!("{bad}.out"), format!("{ok}.out")]);
+    assert_eq!(files_under(&slurm.join("scripts")).len(), 2);
+
+    // A live job of another manifest.
+    c.p.write("long.yaml", "stages:\n  long: { kind: command, run: 'sleep 120' }\n");
+    let child = c.spawn(&["run", "--json", "long.yaml"]);
+    wait_for("the long job to run", Duration::from_secs(60), || {
+        queue_of(&c.p.cache()).iter().any(|(_, s)| s == "RUNNING") && keys().len() == 3
+    });
+    let out = c.cmd(&["cache", "gc", "--dry-run", "m.yaml"]).output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("would remove 1 Slurm job records, 1 exit markers, 1 Slurm output files, 0 batch scripts"), "{}", stdout(&out));
+    assert_eq!((keys().len(), markers(), outs().len()), (3, 2, 3), "a dry run removes nothing");
+    // Keeping m.yaml: `ok` is complete, its job files go; the failed `bad` keeps them (its output
+    // says why); the running job keeps its own; the scripts are too young.
+    let out = c.cmd(&["cache", "gc", "m.yaml"]).output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(
+        text.contains(
+            "removed 1 Slurm job records, 1 exit markers, 1 Slurm output files, 0 batch scripts"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            "left the Slurm files of 1 stages alone: their jobs are still queued or running"
+        ),
+        "{text}"
+    );
+    assert_eq!((keys().len(), markers()), (2, 1));
+    assert!(!outs().contains(&format!("{ok}.out")) && outs().contains(&format!("{bad}.out")));
+
+    // The long run stopped (its job cancelled), the scripts aged: keeping nothing, all go.
+    let sent = std::process::Command::new("kill").args(["-INT", &child.id().to_string()]).status();
+    assert!(sent.unwrap().success());
+    assert_eq!(child.wait_with_output().unwrap().status.code(), Some(130));
+    wait_for("the job to be cancelled", Duration::from_secs(30), || {
+        queue_of(&c.p.cache()).iter().all(|(_, s)| !["RUNNING", "COMPLETING"].contains(&s.as_str()))
+    });
+    // The batch script writes the exit marker once the worker it signalled has ended.
+    let t = Instant::now();
+    while markers() < 2 && t.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let two_hours_ago = std::time::SystemTime::now() - Duration::from_secs(7200);
+    for e in std::fs::read_dir(slurm.join("scripts")).unwrap() {
+        let f = std::fs::File::options().write(true).open(e.unwrap().path()).unwrap();
+        f.set_modified(two_hours_ago).unwrap();
+    }
+    let out = c.cmd(&["cache", "gc"]).output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("Slurm output files, 3 batch scripts"), "{}", stdout(&out));
+    assert_eq!((keys(), markers(), outs()), (vec![], 0, vec![]), "{}", stdout(&out));
+    assert_eq!(files_under(&slurm.join("scripts")), Vec::<String>::new());
+}
+
 // Without a cluster: what `plan --backend slurm` shows, and mistakes in resources and profiles.
 
 #[test]
