@@ -144,11 +144,11 @@ pub(crate) fn is_read_only_error(e: &std::io::Error) -> bool {
 }
 
 /// A sharded tree's scan: (digest, path) of well-named files, and everything else found.
-pub(crate) type ShardedScan = (Vec<(Digest, PathBuf)>, Vec<PathBuf>);
+pub type ShardedScan = (Vec<(Digest, PathBuf)>, Vec<PathBuf>);
 
 /// Lists `<dir>/<ab>/<name>` files of a sharded tree whose name parses as a digest (after
 /// stripping `ext`) and sits in the right shard, and separately everything else found there.
-pub(crate) fn scan_sharded(dir: &Path, ext: &str) -> Result<ShardedScan> {
+pub fn scan_sharded(dir: &Path, ext: &str) -> Result<ShardedScan> {
     let mut found = Vec::new();
     let mut stray = Vec::new();
     for shard in read_dir_sorted(dir)? {
@@ -174,7 +174,7 @@ pub(crate) fn scan_sharded(dir: &Path, ext: &str) -> Result<ShardedScan> {
 }
 
 /// The entries of a directory, sorted; a missing directory is empty.
-pub(crate) fn read_dir_sorted(dir: &Path) -> Result<Vec<PathBuf>> {
+pub fn read_dir_sorted(dir: &Path) -> Result<Vec<PathBuf>> {
     let entries = match fs::read_dir(dir) {
         Ok(entries) => entries,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -189,7 +189,7 @@ pub(crate) fn read_dir_sorted(dir: &Path) -> Result<Vec<PathBuf>> {
 }
 
 /// Total size of the files under `path` (a file or a directory tree), not following symlinks.
-pub(crate) fn disk_size(path: &Path) -> u64 {
+pub fn disk_size(path: &Path) -> u64 {
     let Ok(meta) = fs::symlink_metadata(path) else { return 0 };
     if !meta.is_dir() {
         return meta.len();
@@ -200,7 +200,7 @@ pub(crate) fn disk_size(path: &Path) -> u64 {
 }
 
 /// Removes a file or a directory tree; already gone is fine.
-pub(crate) fn remove_path(path: &Path) -> Result<()> {
+pub fn remove_path(path: &Path) -> Result<()> {
     let res = match fs::symlink_metadata(path) {
         Ok(m) if m.is_dir() => fs::remove_dir_all(path),
         Ok(_) => fs::remove_file(path),

@@ -109,7 +109,9 @@ mod time;
 mod verify;
 mod work;
 
-pub use cache::{BUCKET, Cache};
+pub use cache::{
+    BUCKET, Cache, ShardedScan, disk_size, read_dir_sorted, remove_path, scan_sharded,
+};
 pub use digest::{Digest, MMAP_THRESHOLD, ParseDigestError, hash_bytes, hash_file};
 pub use error::{CacheError, Result};
 pub use file_index::{FileDigest, MAX_DIR_DEPTH, RACY_WINDOW};

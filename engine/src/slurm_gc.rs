@@ -15,7 +15,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-use progdiff_cache::{Cache, Digest};
+use progdiff_cache::{Cache, Digest, disk_size, read_dir_sorted, remove_path, scan_sharded};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -94,14 +94,12 @@ fn gc_with_queue(
     let slurm = cache.bucket().join("slurm");
     let mut report = SlurmGcReport { dry_run, ..SlurmGcReport::default() };
     let mut keys: BTreeMap<Digest, KeyFiles> = BTreeMap::new();
-    for path in sharded(&slurm.join("keys"), ".json")? {
-        let Some(key) = key_of(&path, ".json") else { continue };
+    for (key, path) in scan_sharded(&slurm.join("keys"), ".json")?.0 {
         let files = keys.entry(key).or_default();
         files.jobs.extend(read::<KeyJob>(&path).map(|r| r.job));
         files.record = Some(path);
     }
-    for path in sharded(&cache.bucket().join("logs"), ".exit.json")? {
-        let Some(key) = key_of(&path, ".exit.json") else { continue };
+    for (key, path) in scan_sharded(&cache.bucket().join("logs"), ".exit.json")?.0 {
         let files = keys.entry(key).or_default();
         files.jobs.extend(read::<ExitMarker>(&path).map(|m| m.job));
         files.marker = Some(path);
@@ -167,59 +165,23 @@ fn gc_with_queue(
     Ok(report)
 }
 
-/// The key a file `<key><ext>` is named after.
-fn key_of(path: &Path, ext: &str) -> Option<Digest> {
-    path.file_name()?.to_str()?.strip_suffix(ext)?.parse().ok()
-}
-
 fn read<T: DeserializeOwned>(path: &Path) -> Option<T> {
     serde_json::from_slice(&std::fs::read(path).ok()?).ok()
 }
 
-/// The files `dir/<shard>/*<ext>`; a missing directory has none.
-fn sharded(dir: &Path, ext: &str) -> anyhow::Result<Vec<PathBuf>> {
-    let mut out = Vec::new();
-    for shard in entries(dir)? {
-        if shard.is_dir() {
-            out.extend(files_in(&shard, ext)?);
-        }
-    }
-    Ok(out)
-}
-
 /// The plain files `dir/*<ext>`; a missing directory has none.
 fn files_in(dir: &Path, ext: &str) -> anyhow::Result<Vec<PathBuf>> {
-    Ok(entries(dir)?
+    Ok(read_dir_sorted(dir)?
         .into_iter()
         .filter(|p| p.is_file() && p.to_str().is_some_and(|s| s.ends_with(ext)))
         .collect())
 }
 
-fn entries(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
-    let read = match std::fs::read_dir(dir) {
-        Ok(read) => read,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(anyhow::Error::new(e).context(format!("reading `{}`", dir.display()))),
-    };
-    let mut out = Vec::new();
-    for entry in read {
-        out.push(entry.map_err(|e| anyhow::anyhow!("reading `{}`: {e}", dir.display()))?.path());
-    }
-    out.sort();
-    Ok(out)
-}
-
 /// Removes `path` (unless `dry_run`); its size.
 fn remove(path: &Path, dry_run: bool) -> anyhow::Result<u64> {
-    let size = std::fs::symlink_metadata(path).map(|m| m.len()).unwrap_or(0);
+    let size = disk_size(path);
     if !dry_run {
-        match std::fs::remove_file(path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
-            Err(e) => {
-                return Err(anyhow::Error::new(e).context(format!("removing `{}`", path.display())));
-            }
-        }
+        remove_path(path)?;
     }
     Ok(size)
 }
@@ -277,7 +239,7 @@ mod tests {
     }
 
     fn walk(dir: &Path) -> Vec<PathBuf> {
-        entries(dir)
+        read_dir_sorted(dir)
             .unwrap()
             .into_iter()
             .flat_map(|p| if p.is_dir() { walk(&p) } else { vec![p] })

@@ -37,10 +37,15 @@ pub fn fused_attention_on_this_thread(on: bool) {
 /// else `x` itself. Same shape and values either way.
 pub fn layout(x: &Tensor) -> Tensor {
     if CHANNELS_LAST.load(Ordering::Relaxed) && x.device().is_cuda() && x.dim() == 4 {
-        x.permute([0, 2, 3, 1]).contiguous().permute([0, 3, 1, 2])
+        channels_last(x)
     } else {
         x.shallow_clone()
     }
+}
+
+/// `x` (`[B, C, H, W]`) with its values stored NHWC (same shape and values).
+fn channels_last(x: &Tensor) -> Tensor {
+    x.permute([0, 2, 3, 1]).contiguous().permute([0, 3, 1, 2])
 }
 
 #[cfg(test)]
@@ -51,7 +56,7 @@ mod tests {
     fn channels_last_keeps_shape_and_values() {
         let x =
             Tensor::arange(2 * 3 * 4 * 5, (tch::Kind::Float, tch::Device::Cpu)).view([2, 3, 4, 5]);
-        let nhwc = x.permute([0, 2, 3, 1]).contiguous().permute([0, 3, 1, 2]);
+        let nhwc = channels_last(&x);
         assert_eq!(nhwc.size(), x.size());
         assert!(nhwc.equal(&x));
         assert_eq!(nhwc.stride(), vec![60, 1, 15, 3]);

@@ -276,7 +276,7 @@ impl Attention {
         let qkv = self.qkv.forward(&self.norm.forward(&xs), pass); // [B, 3*heads*d, T]
         let qkv = qkv.reshape([b * heads, 3 * d, t]); // [B*heads, 3d, T]
         let parts = qkv.split(d, 1); // 3 x [B*heads, d, T]
-        if crate::fast::fused_attention(x.device()) {
+        let a = if crate::fast::fused_attention(x.device()) {
             // The same softmax(q^T k / sqrt(d)) v, in libtorch's fused kernel ([.., T, d]).
             let [q, k, v] = [0, 1, 2].map(|i| parts[i].transpose(1, 2));
             let a = Tensor::scaled_dot_product_attention(
@@ -289,16 +289,15 @@ impl Attention {
                 None,
                 false,
             ); // [B*heads, T, d]
-            let a = a.transpose(1, 2).reshape([b, heads * d, t]);
-            let h = self.proj_out.forward(&a, pass);
-            return (xs + h).reshape([b, c, hh, ww]);
-        }
-        let scale = 1.0 / (d as f64).sqrt().sqrt();
-        let q = &parts[0] * scale;
-        let k = &parts[1] * scale;
-        let w = q.transpose(1, 2).matmul(&k); // [B*heads, T, T]
-        let w = w.softmax(-1, Kind::Float).to_kind(q.kind());
-        let a = parts[2].matmul(&w.transpose(1, 2)); // [B*heads, d, T]
+            a.transpose(1, 2)
+        } else {
+            let scale = 1.0 / (d as f64).sqrt().sqrt();
+            let q = &parts[0] * scale;
+            let k = &parts[1] * scale;
+            let w = q.transpose(1, 2).matmul(&k); // [B*heads, T, T]
+            let w = w.softmax(-1, Kind::Float).to_kind(q.kind());
+            parts[2].matmul(&w.transpose(1, 2)) // [B*heads, d, T]
+        };
         let a = a.reshape([b, heads * d, t]); // [B, heads*d, T]
         let h = self.proj_out.forward(&a, pass); // [B, C, T]
         (xs + h).reshape([b, c, hh, ww])

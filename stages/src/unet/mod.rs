@@ -223,17 +223,24 @@ mod tests {
         assert_eq!(y.abs().max().double_value(&[]), 0.0);
     }
 
+    /// The tiny UNet with every weight drawn from N(0, scale^2) after `manual_seed(seed)` (so
+    /// the zero-initialised layers are not zero).
+    fn random_net(seed: i64, scale: f64) -> (nn::VarStore, UNet) {
+        let vs = nn::VarStore::new(Device::Cpu);
+        let net = UNet::new(&vs.root(), &UNetArch::from_config(&tiny_config()).unwrap()).unwrap();
+        tch::manual_seed(seed);
+        tch::no_grad(|| {
+            for (_, mut v) in vs.variables() {
+                v.copy_(&(Tensor::randn(v.size(), (Kind::Float, Device::Cpu)) * scale));
+            }
+        });
+        (vs, net)
+    }
+
     /// Every parameter gets a gradient once the zero-initialised layers are not zero.
     #[test]
     fn gradients_reach_every_parameter() {
-        let vs = nn::VarStore::new(Device::Cpu);
-        let net = UNet::new(&vs.root(), &UNetArch::from_config(&tiny_config()).unwrap()).unwrap();
-        tch::manual_seed(0);
-        tch::no_grad(|| {
-            for (_, mut v) in vs.variables() {
-                v.copy_(&(Tensor::randn(v.size(), (Kind::Float, Device::Cpu)) * 0.1));
-            }
-        });
+        let (vs, net) = random_net(0, 0.1);
         let x = Tensor::randn([2, 1, 8, 8], (Kind::Float, Device::Cpu));
         let t = Tensor::from_slice(&[3i64, 999]);
         net.forward_t(&x, &t, true).square().mean(None).backward();
@@ -246,14 +253,7 @@ mod tests {
     /// Issue 16: `--fast fused_attention` computes the written-out attention.
     #[test]
     fn fused_attention_computes_the_written_out_attention() {
-        let vs = nn::VarStore::new(Device::Cpu);
-        let net = UNet::new(&vs.root(), &UNetArch::from_config(&tiny_config()).unwrap()).unwrap();
-        tch::manual_seed(1);
-        tch::no_grad(|| {
-            for (_, mut v) in vs.variables() {
-                v.copy_(&(Tensor::randn(v.size(), (Kind::Float, Device::Cpu)) * 0.2));
-            }
-        });
+        let (_vs, net) = random_net(1, 0.2);
         let x = Tensor::randn([2, 1, 8, 8], (Kind::Float, Device::Cpu));
         let t = Tensor::from_slice(&[3.0f32, 700.0]);
         let plain = net.forward_t(&x, &t, false);
