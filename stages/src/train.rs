@@ -376,7 +376,12 @@ pub fn run_with(ctx: &StageContext, inputs: &TrainInputs, how: &How) -> anyhow::
         let mut last_loss = f64::NAN;
         let mut t_log = Instant::now();
         for step in start..steps {
-            ctx.cancel.check()?;
+            // Interrupted before this process trained a step: nothing new to save. Later, an
+            // interruption is seen once per step, after the update (below), so a request that
+            // arrives at any moment saves the state of every step taken.
+            if step == start {
+                ctx.cancel.check()?;
+            }
             let host = feed.next(step)?;
             let s = step as u64;
             let x0 = match (&host.batch, &resident) {
@@ -411,7 +416,8 @@ pub fn run_with(ctx: &StageContext, inputs: &TrainInputs, how: &How) -> anyhow::
             sums.add(&loss, &losses, &q, host.quartile_counts);
             let done = step + 1;
             let log_now = done % params.log_every == 0 || done == steps;
-            let due = done.is_multiple_of(params.checkpoint_every) || ctx.cancel.is_cancelled();
+            let cancelled = ctx.cancel.is_cancelled();
+            let due = done.is_multiple_of(params.checkpoint_every) || cancelled;
             let save_now = params.checkpoint_every > 0 && due && done < steps;
             if log_now || save_now {
                 let so_far = sums.read();
@@ -464,6 +470,9 @@ pub fn run_with(ctx: &StageContext, inputs: &TrainInputs, how: &How) -> anyhow::
                     step_state(done, Some(params.ema)),
                 )?;
                 resume.save(&state, &model, &ema, &trainer.moments())?;
+            }
+            if cancelled && done < steps {
+                ctx.cancel.check()?;
             }
         }
         Ok(())

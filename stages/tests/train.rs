@@ -141,6 +141,54 @@ fn a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one() {
     assert_eq!(metrics(&whole.out_dir), metrics(&resumed.out_dir));
 }
 
+/// Cancels its token at the first logged metrics, i.e. after the step that logs them decided
+/// whether to save (the moment a Ctrl-C used to be lost between).
+struct CancelAtFirstMetrics(progdiff_stages::context::CancelToken);
+
+impl progdiff_stages::context::EventSink for CancelAtFirstMetrics {
+    fn emit(&self, event: &progdiff_stages::context::Event) {
+        if matches!(event, progdiff_stages::context::Event::Metrics { .. }) {
+            self.0.cancel();
+        }
+    }
+}
+
+#[test]
+fn an_interruption_at_any_moment_saves_the_steps_taken_and_the_rerun_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    // No periodic checkpoint within the run: only the interruption saves.
+    let p = TrainParams {
+        steps: 20,
+        batch_size: 8,
+        lr: 1e-3,
+        ema: 0.9,
+        log_every: 5,
+        checkpoint_every: 1000,
+        ..TrainParams::default()
+    };
+    let whole = ctx(dir.path(), "whole", &dir.path().join("work-whole"), vec![]);
+    run(&whole, &p);
+
+    let work = dir.path().join("work-interrupted");
+    let mut first = ctx(dir.path(), "first", &work, vec![]);
+    first.report = progdiff_stages::context::Reporter::to(std::sync::Arc::new(
+        CancelAtFirstMetrics(first.cancel.clone()),
+    ));
+    tch::set_num_threads(1);
+    let err = train::run(&first, &inputs(&p)).unwrap_err();
+    assert!(first.cancel.is_cancelled(), "{err:#}");
+    // Cancelled after step 5 had decided not to save: step 6 is taken, saved, and the run stops.
+    assert_eq!(std::fs::read_to_string(work.join("latest")).unwrap().trim(), "ckpt-6");
+    assert!(!first.out_dir.join(train::MODEL_FILE).exists(), "an interrupted run wrote outputs");
+
+    let resumed = ctx(dir.path(), "resumed", &work, vec![]);
+    run(&resumed, &p);
+    for f in [train::MODEL_FILE, train::EMA_FILE] {
+        assert_eq!(weights(whole.out_dir.join(f)), weights(resumed.out_dir.join(f)), "{f}");
+    }
+    assert_eq!(metrics(&whole.out_dir), metrics(&resumed.out_dir));
+}
+
 #[test]
 fn fine_tuning_starts_from_upstream_weights_and_trains_on_its_group() {
     let dir = tempfile::tempdir().unwrap();

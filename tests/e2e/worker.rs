@@ -271,14 +271,15 @@ fn ctrl_c_saves_the_training_resume_state_and_the_rerun_resumes_from_it() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    // Wait until the worker has trained a little (its log shows progress lines only at the end,
-    // so wait for the metrics log in its work area).
+    // Wait until the worker has trained a little: its first metrics line (step 50 of 400) in
+    // its work area. Not a fixed sleep: on a fast machine 400 steps take well under a second,
+    // and an interrupt after the last step has nothing to save.
     let t = Instant::now();
-    while !p.cache().join("v1/work").join(&key).join("metrics.jsonl").exists() {
-        assert!(t.elapsed() < Duration::from_secs(60), "training never started");
-        std::thread::sleep(Duration::from_millis(5));
+    let metrics = p.cache().join("v1/work").join(&key).join("metrics.jsonl");
+    while !std::fs::read_to_string(&metrics).is_ok_and(|s| s.contains('\n')) {
+        assert!(t.elapsed() < Duration::from_secs(60), "training never logged a step");
+        std::thread::sleep(Duration::from_millis(2));
     }
-    std::thread::sleep(Duration::from_millis(300));
     let sent = std::process::Command::new("kill").args(["-INT", &child.id().to_string()]).status();
     assert!(sent.unwrap().success());
     let out = child.wait_with_output().unwrap();
