@@ -24,9 +24,9 @@
 //!   or on other users of libtorch's global generator (dropout, initialisation, other threads);
 //! - images `first..first + n` of a run are the images a run from 0 would produce at those
 //!   indices (resume or shard a large sample by `first`), as far as the model gives each image of
-//!   a batch the same output whatever the batch's size: on the CPU the tests find this bit for
-//!   bit; a GPU's batched kernels may differ in the last float bits between batch sizes, which
-//!   can flip an 8-bit pixel by one.
+//!   a batch the same output whatever the batch's size. It does up to the last float bits only:
+//!   batched kernels (libtorch's CPU kernels included, depending even on the process) round
+//!   differently between batch sizes, which now and then moves an 8-bit pixel by one level.
 
 mod model_set;
 mod noise;

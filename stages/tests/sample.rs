@@ -244,16 +244,34 @@ fn same_seed_same_images_other_seed_other_images() {
     assert!(!a.get(0).equal(&a.get(1)));
 }
 
+/// `a` and `b` are the same 8-bit images up to the rounding of batched float kernels: no pixel
+/// more than one level apart, and at most 1% of them apart at all. (libtorch's CPU kernels do
+/// not give an image of a batch of 5 the bits it gets in a batch of 2, and which way a pixel
+/// near a level boundary rounds can change from one process to the next; the noise itself is
+/// per image exactly, pinned in `sample::noise`.)
+fn assert_same_up_to_rounding(a: &Tensor, b: &Tensor) {
+    assert_eq!(a.size(), b.size());
+    let diff = (a.to_kind(Kind::Int) - b.to_kind(Kind::Int)).abs();
+    let max = diff.max().int64_value(&[]);
+    let apart = diff.ne(0).sum(Kind::Int64).int64_value(&[]);
+    let n = diff.numel() as i64;
+    assert!(max <= 1 && apart * 100 <= n, "{apart} of {n} pixels apart, by up to {max} levels");
+}
+
 #[test]
 fn images_do_not_depend_on_the_batch_size_or_the_first_index() {
     let set = ModelSet::single(build(&checkpoint(&tiny_arch(), 1)));
     let d = diffusion();
     let whole = sample(&set, &d, &config(5, 5, 3)).unwrap().images;
     let batched = sample(&set, &d, &config(5, 2, 3)).unwrap().images;
-    assert!(whole.equal(&batched));
+    assert_same_up_to_rounding(&whole, &batched);
     let tail = SampleConfig { first: 2, ..config(3, 2, 3) };
     let tail = sample(&set, &d, &tail).unwrap().images;
-    assert!(tail.equal(&whole.narrow(0, 2, 3)));
+    assert_same_up_to_rounding(&tail, &whole.narrow(0, 2, 3));
+    // Not vacuous: other seeds give other images.
+    let other = sample(&set, &d, &config(5, 5, 4)).unwrap().images;
+    let diff = (whole.to_kind(Kind::Int) - other.to_kind(Kind::Int)).abs();
+    assert!(diff.gt(1).sum(Kind::Int64).int64_value(&[]) > 100);
 }
 
 #[test]
