@@ -713,7 +713,12 @@ fn cache_command(cli: &Cli, cmd: &CacheCommand, out: &mut impl Write) -> anyhow:
                     keep.insert(s.key);
                 }
             }
-            let r = cache.gc(&keep, *dry_run)?;
+            // Read first: a stage a pending or requeued Slurm job will compute keeps its job
+            // description and work area even when no manifest keeps it.
+            let slurm = progdiff::slurm_gc::SlurmFiles::scan(&cache)?;
+            let mut spared = keep.clone();
+            spared.extend(slurm.in_flight(&cache));
+            let r = cache.gc(&spared, *dry_run)?;
             writeln!(
                 out,
                 "{}{} records, {} objects, {} work dirs, {} prune banks, {} temp entries ({}); kept {} records, {} objects",
@@ -734,12 +739,8 @@ fn cache_command(cli: &Cli, cmd: &CacheCommand, out: &mut impl Write) -> anyhow:
                     r.skipped_locked.len()
                 )?;
             }
-            let s = progdiff::slurm_gc::gc(
-                &cache,
-                &keep,
-                *dry_run,
-                progdiff_cache::GcOptions::default().min_age,
-            )?;
+            let s =
+                slurm.gc(&cache, &keep, *dry_run, progdiff_cache::GcOptions::default().min_age)?;
             if !s.is_empty() {
                 writeln!(
                     out,
@@ -756,12 +757,12 @@ fn cache_command(cli: &Cli, cmd: &CacheCommand, out: &mut impl Write) -> anyhow:
                 match &s.queue_error {
                     Some(e) => writeln!(
                         out,
-                        "left the Slurm files of {} stages alone: the queue could not be read to tell whether their jobs still run ({e})",
+                        "left {} stages' Slurm files (and, if unfinished, their job descriptions and work areas) alone: the queue could not be read to tell whether their jobs still run ({e})",
                         s.keys_left
                     )?,
                     None => writeln!(
                         out,
-                        "left the Slurm files of {} stages alone: their jobs are still queued or running",
+                        "left {} stages' Slurm files (and, if unfinished, their job descriptions and work areas) alone: their jobs are still queued or running",
                         s.keys_left
                     )?,
                 }

@@ -10,6 +10,10 @@
 //! minimum age (a job just submitted by another coordinator has no record yet). Scripts go once
 //! older than the minimum age: `sbatch` keeps its own copy of the script, for requeues too.
 //! A profile's own `log_dir` is not touched.
+//!
+//! The cache's own sweep runs in between, told to spare the stages a job may still compute
+//! ([`SlurmFiles::in_flight`]): a pending or requeued job reads its job description when it
+//! starts and resumes from its work area, and holds no lock until then.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -21,7 +25,7 @@ use serde::de::DeserializeOwned;
 
 use crate::slurm::{ExitMarker, KeyJob, is_live, job_name, squeue};
 
-/// What [`gc`] removed (or, in a dry run, would remove).
+/// What [`SlurmFiles::gc`] removed (or, in a dry run, would remove).
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct SlurmGcReport {
     /// Nothing was removed.
@@ -63,106 +67,142 @@ struct KeyFiles {
     jobs: Vec<String>,
 }
 
-/// Removes the Slurm backend's files that no kept, unfinished stage needs (see the module
-/// docs); `min_age` protects files that may belong to a submission in flight.
-pub fn gc(
-    cache: &Cache,
-    keep: &BTreeSet<Digest>,
-    dry_run: bool,
-    min_age: Duration,
-) -> anyhow::Result<SlurmGcReport> {
-    // Jobs in a live state (or one this version does not know: never taken as ended).
-    let queue = || -> Result<BTreeSet<String>, String> {
-        let queue = squeue(&job_name(cache)).map_err(|e| format!("{e:#}"))?;
-        Ok(queue
-            .into_values()
-            .filter(|e| is_live(&e.state) != Some(false))
-            .map(|e| e.job)
-            .collect())
-    };
-    gc_with_queue(cache, keep, dry_run, min_age, queue)
+/// The `slurm` backend's files in a cache, with the queue's live jobs (asked once, and only when
+/// there are files to judge), read before either half of `cache gc` removes anything.
+pub struct SlurmFiles {
+    keys: BTreeMap<Digest, KeyFiles>,
+    outputs: Vec<PathBuf>,
+    scripts: Vec<PathBuf>,
+    /// Jobs in a live state, or why the queue could not be read; `None`: not asked (no files).
+    live: Option<Result<BTreeSet<String>, String>>,
 }
 
-/// [`gc`] with the live jobs from `queue` (asked only when there are files to judge).
-fn gc_with_queue(
-    cache: &Cache,
-    keep: &BTreeSet<Digest>,
-    dry_run: bool,
-    min_age: Duration,
-    queue: impl FnOnce() -> Result<BTreeSet<String>, String>,
-) -> anyhow::Result<SlurmGcReport> {
-    let slurm = cache.bucket().join("slurm");
-    let mut report = SlurmGcReport { dry_run, ..SlurmGcReport::default() };
-    let mut keys: BTreeMap<Digest, KeyFiles> = BTreeMap::new();
-    for (key, path) in scan_sharded(&slurm.join("keys"), ".json")?.0 {
-        let files = keys.entry(key).or_default();
-        files.jobs.extend(read::<KeyJob>(&path).map(|r| r.job));
-        files.record = Some(path);
-    }
-    for (key, path) in scan_sharded(&cache.bucket().join("logs"), ".exit.json")?.0 {
-        let files = keys.entry(key).or_default();
-        files.jobs.extend(read::<ExitMarker>(&path).map(|m| m.job));
-        files.marker = Some(path);
-    }
-    let outputs = files_in(&slurm.join("out"), ".out")?;
-    let scripts = files_in(&slurm.join("scripts"), ".sh")?;
-    if keys.is_empty() && outputs.is_empty() && scripts.is_empty() {
-        return Ok(report);
+impl SlurmFiles {
+    /// Scans `cache`, asking `squeue` for the live jobs of its job name.
+    pub fn scan(cache: &Cache) -> anyhow::Result<SlurmFiles> {
+        // Jobs in a live state (or one this version does not know: never taken as ended).
+        SlurmFiles::scan_with(cache, || {
+            let queue = squeue(&job_name(cache)).map_err(|e| format!("{e:#}"))?;
+            Ok(queue
+                .into_values()
+                .filter(|e| is_live(&e.state) != Some(false))
+                .map(|e| e.job)
+                .collect())
+        })
     }
 
-    let live = queue().map_err(|e| report.queue_error = Some(e)).ok();
-    let is_live_job = |job: &str| live.as_ref().is_some_and(|l| l.contains(job));
-
-    let mut removed_jobs = BTreeSet::new();
-    let mut named_jobs = BTreeSet::new();
-    for (key, files) in keys {
-        let complete = matches!(cache.complete_record(&key), Ok(Some(_)));
-        let finished = complete || !keep.contains(&key);
-        let removable = finished
-            && match &live {
-                Some(_) => !files.jobs.iter().any(|j| is_live_job(j)),
-                None => complete,
-            };
-        if !removable {
-            report.keys_left += usize::from(finished);
-            named_jobs.extend(files.jobs);
-            continue;
+    /// [`scan`](SlurmFiles::scan) with the live jobs from `queue`.
+    fn scan_with(
+        cache: &Cache,
+        queue: impl FnOnce() -> Result<BTreeSet<String>, String>,
+    ) -> anyhow::Result<SlurmFiles> {
+        let slurm = cache.bucket().join("slurm");
+        let mut keys: BTreeMap<Digest, KeyFiles> = BTreeMap::new();
+        for (key, path) in scan_sharded(&slurm.join("keys"), ".json")?.0 {
+            let files = keys.entry(key).or_default();
+            files.jobs.extend(read::<KeyJob>(&path).map(|r| r.job));
+            files.record = Some(path);
         }
-        if let Some(path) = &files.record {
-            report.key_records_removed += 1;
-            report.bytes_freed += remove(path, dry_run)?;
+        for (key, path) in scan_sharded(&cache.bucket().join("logs"), ".exit.json")?.0 {
+            let files = keys.entry(key).or_default();
+            files.jobs.extend(read::<ExitMarker>(&path).map(|m| m.job));
+            files.marker = Some(path);
         }
-        if let Some(path) = &files.marker {
-            report.markers_removed += 1;
-            report.bytes_freed += remove(path, dry_run)?;
-        }
-        removed_jobs.extend(files.jobs);
+        let outputs = files_in(&slurm.join("out"), ".out")?;
+        let scripts = files_in(&slurm.join("scripts"), ".sh")?;
+        let any = !(keys.is_empty() && outputs.is_empty() && scripts.is_empty());
+        Ok(SlurmFiles { keys, outputs, scripts, live: any.then(queue) })
     }
 
-    let now = SystemTime::now();
-    let old = |path: &Path| {
-        let modified = std::fs::symlink_metadata(path).and_then(|m| m.modified());
-        modified.is_ok_and(|t| now.duration_since(t).unwrap_or_default() >= min_age)
-    };
-    for path in outputs {
-        let Some(job) = path.file_name().and_then(|n| n.to_str()?.strip_suffix(".out")) else {
-            continue;
+    fn is_live_job(&self, job: &str) -> bool {
+        matches!(&self.live, Some(Ok(live)) if live.contains(job))
+    }
+
+    /// Keys whose stage a Slurm job may still compute: not complete, submitted (a job record),
+    /// and a job of theirs live in the queue, or the queue unreadable. The cache's own gc must
+    /// spare them even when no manifest keeps them: a pending or requeued job reads its job
+    /// description when it starts, and resumes from the work area.
+    pub fn in_flight(&self, cache: &Cache) -> BTreeSet<Digest> {
+        self.keys
+            .iter()
+            .filter(|(key, files)| {
+                files.record.is_some()
+                    && !matches!(cache.complete_record(key), Ok(Some(_)))
+                    && match &self.live {
+                        Some(Ok(_)) => files.jobs.iter().any(|j| self.is_live_job(j)),
+                        _ => true,
+                    }
+            })
+            .map(|(key, _)| *key)
+            .collect()
+    }
+
+    /// Removes the files that no kept, unfinished stage needs (see the module docs); `min_age`
+    /// protects files that may belong to a submission in flight.
+    pub fn gc(
+        self,
+        cache: &Cache,
+        keep: &BTreeSet<Digest>,
+        dry_run: bool,
+        min_age: Duration,
+    ) -> anyhow::Result<SlurmGcReport> {
+        let mut report = SlurmGcReport { dry_run, ..SlurmGcReport::default() };
+        let Some(queue) = &self.live else { return Ok(report) };
+        report.queue_error = queue.as_ref().err().cloned();
+        let readable = queue.is_ok();
+
+        let mut removed_jobs = BTreeSet::new();
+        let mut named_jobs = BTreeSet::new();
+        for (key, files) in &self.keys {
+            let complete = matches!(cache.complete_record(key), Ok(Some(_)));
+            let finished = complete || !keep.contains(key);
+            let removable = finished
+                && if readable {
+                    !files.jobs.iter().any(|j| self.is_live_job(j))
+                } else {
+                    complete
+                };
+            if !removable {
+                report.keys_left += usize::from(finished);
+                named_jobs.extend(files.jobs.iter().cloned());
+                continue;
+            }
+            if let Some(path) = &files.record {
+                report.key_records_removed += 1;
+                report.bytes_freed += remove(path, dry_run)?;
+            }
+            if let Some(path) = &files.marker {
+                report.markers_removed += 1;
+                report.bytes_freed += remove(path, dry_run)?;
+            }
+            removed_jobs.extend(files.jobs.iter().cloned());
+        }
+
+        let now = SystemTime::now();
+        let old = |path: &Path| {
+            let modified = std::fs::symlink_metadata(path).and_then(|m| m.modified());
+            modified.is_ok_and(|t| now.duration_since(t).unwrap_or_default() >= min_age)
         };
-        if named_jobs.contains(job) || is_live_job(job) {
-            continue;
+        for path in &self.outputs {
+            let Some(job) = path.file_name().and_then(|n| n.to_str()?.strip_suffix(".out")) else {
+                continue;
+            };
+            if named_jobs.contains(job) || self.is_live_job(job) {
+                continue;
+            }
+            if removed_jobs.contains(job) || old(path) {
+                report.outputs_removed += 1;
+                report.bytes_freed += remove(path, dry_run)?;
+            }
         }
-        if removed_jobs.contains(job) || old(&path) {
-            report.outputs_removed += 1;
-            report.bytes_freed += remove(&path, dry_run)?;
+        for path in &self.scripts {
+            if old(path) {
+                report.scripts_removed += 1;
+                report.bytes_freed += remove(path, dry_run)?;
+            }
         }
+        Ok(report)
     }
-    for path in scripts {
-        if old(&path) {
-            report.scripts_removed += 1;
-            report.bytes_freed += remove(&path, dry_run)?;
-        }
-    }
-    Ok(report)
 }
 
 fn read<T: DeserializeOwned>(path: &Path) -> Option<T> {
@@ -244,6 +284,36 @@ mod tests {
             .into_iter()
             .flat_map(|p| if p.is_dir() { walk(&p) } else { vec![p] })
             .collect()
+    }
+
+    fn gc_with_queue(
+        cache: &Cache,
+        keep: &BTreeSet<Digest>,
+        dry_run: bool,
+        min_age: Duration,
+        queue: impl FnOnce() -> Result<BTreeSet<String>, String>,
+    ) -> anyhow::Result<SlurmGcReport> {
+        SlurmFiles::scan_with(cache, queue)?.gc(cache, keep, dry_run, min_age)
+    }
+
+    #[test]
+    fn stages_a_job_may_still_compute_are_in_flight() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path()).unwrap();
+        // 1: complete. 2: pending job. 3: its job ended (failed). 4: a marker only.
+        let (k1, k2, k3, k4) = (key(1), key(2), key(3), key(4));
+        job_files(&cache, &k1, "31");
+        job_files(&cache, &k2, "32");
+        job_files(&cache, &k3, "33");
+        write(&crate::slurm::marker_path(&cache, &k4), r#"{"exit_code":1,"job":"34"}"#);
+        complete(&cache, &k1);
+        let live = || Ok(BTreeSet::from(["31".to_string(), "32".to_string()]));
+        let files = SlurmFiles::scan_with(&cache, live).unwrap();
+        assert_eq!(files.in_flight(&cache), BTreeSet::from([k2]));
+        // Unreadable queue: every submitted, unfinished stage may still be pending.
+        let no_queue = || Err("no squeue".to_string());
+        let files = SlurmFiles::scan_with(&cache, no_queue).unwrap();
+        assert_eq!(files.in_flight(&cache), BTreeSet::from([k2, k3]));
     }
 
     #[test]

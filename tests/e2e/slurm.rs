@@ -674,18 +674,33 @@ fn slurm_gc_removes_the_job_files_of_finished_stages_and_spares_live_jobs() {
     assert_eq!(outs(), [format!("{bad}.out"), format!("{ok}.out")]);
     assert_eq!(files_under(&slurm.join("scripts")).len(), 2);
 
-    // A live job of another manifest.
+    // Live jobs of other manifests: one running, one pending (held: submitted with `--hold`).
     c.p.write("long.yaml", "stages:\n  long: { kind: command, run: 'sleep 120' }\n");
     let child = c.spawn(&["run", "--json", "long.yaml"]);
-    wait_for("the long job to run", Duration::from_secs(60), || {
-        queue_of(&c.p.cache()).iter().any(|(_, s)| s == "RUNNING") && keys().len() == 3
+    c.p.write("held.profile.yaml", &format!("{PROFILE}  extra: ['--hold']\n"));
+    c.p.write("held.yaml", "stages:\n  held: { kind: command, run: 'echo $PROGDIFF_OUT' }\n");
+    let held_key = {
+        let (_, plan) = c.p.json(&["plan", "--json", "held.yaml"]);
+        stage(&plan, "held")["key"].as_str().unwrap().to_string()
+    };
+    let held = c.spawn(&["run", "--json", "--profile", "held.profile.yaml", "held.yaml"]);
+    let description =
+        c.p.cache().join("v1/jobs").join(&held_key[..2]).join(format!("{held_key}.json"));
+    wait_for("the long job to run and the held one to wait", Duration::from_secs(60), || {
+        let q = queue_of(&c.p.cache());
+        q.iter().any(|(_, s)| s == "RUNNING")
+            && q.iter().any(|(_, s)| s == "PENDING")
+            && keys().len() == 4
     });
+    assert!(description.exists());
     let out = c.cmd(&["cache", "gc", "--dry-run", "m.yaml"]).output().unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(stdout(&out).contains("would remove 1 Slurm job records, 1 exit markers, 1 Slurm output files, 0 batch scripts"), "{}", stdout(&out));
-    assert_eq!((keys().len(), markers(), outs().len()), (3, 2, 3), "a dry run removes nothing");
+    assert_eq!((keys().len(), markers(), outs().len()), (4, 2, 3), "a dry run removes nothing");
     // Keeping m.yaml: `ok` is complete, its job files go; the failed `bad` keeps them (its output
-    // says why); the running job keeps its own; the scripts are too young.
+    // says why); the live jobs keep theirs, and the pending one its job description, which it
+    // reads when it starts (no manifest keeps it, and no lock of a running stage protects it);
+    // the scripts are too young.
     let out = c.cmd(&["cache", "gc", "m.yaml"]).output().unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
     let text = stdout(&out);
@@ -697,12 +712,22 @@ fn slurm_gc_removes_the_job_files_of_finished_stages_and_spares_live_jobs() {
     );
     assert!(
         text.contains(
-            "left the Slurm files of 1 stages alone: their jobs are still queued or running"
+            "left 2 stages' Slurm files (and, if unfinished, their job descriptions and work \
+             areas) alone: their jobs are still queued or running"
         ),
         "{text}"
     );
-    assert_eq!((keys().len(), markers()), (2, 1));
+    assert_eq!((keys().len(), markers()), (3, 1));
     assert!(!outs().contains(&format!("{ok}.out")) && outs().contains(&format!("{bad}.out")));
+    assert!(description.exists(), "gc removed the pending job's description:\n{text}");
+    // Released, the held job runs its stage.
+    let held_job = queue_of(&c.p.cache()).into_iter().find(|(_, s)| s == "PENDING").unwrap().0;
+    let released = std::process::Command::new("scontrol").args(["release", &held_job]).status();
+    assert!(released.unwrap().success());
+    let out = held.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(stage(&v, "held")["status"], "ran");
 
     // The long run stopped (its job cancelled), the scripts aged: keeping nothing, all go.
     let sent = std::process::Command::new("kill").args(["-INT", &child.id().to_string()]).status();
@@ -723,7 +748,7 @@ fn slurm_gc_removes_the_job_files_of_finished_stages_and_spares_live_jobs() {
     }
     let out = c.cmd(&["cache", "gc"]).output().unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
-    assert!(stdout(&out).contains("Slurm output files, 3 batch scripts"), "{}", stdout(&out));
+    assert!(stdout(&out).contains("Slurm output files, 4 batch scripts"), "{}", stdout(&out));
     assert_eq!((keys(), markers(), outs()), (vec![], 0, vec![]), "{}", stdout(&out));
     assert_eq!(files_under(&slurm.join("scripts")), Vec::<String>::new());
 }
