@@ -65,11 +65,16 @@ pub struct GcReport {
     pub skipped_locked: Vec<Digest>,
     /// Unreferenced objects spared for being younger than [`GcOptions::min_age`].
     pub skipped_young: usize,
+    /// Job descriptions of keys not kept spared for being younger than [`GcOptions::min_age`]
+    /// while their stage has no complete record: a worker or Slurm job about to start may
+    /// still read one (it holds no lock before it starts).
+    pub young_jobs_spared: usize,
 }
 
 impl Cache {
     /// Removes records whose key is not in `keep`, objects no remaining record references,
-    /// work areas, job descriptions, logs and lock files of keys not kept, work areas of kept
+    /// work areas, job descriptions (but not those of unfinished stages written less than
+    /// [`GcOptions::min_age`] ago), logs and lock files of keys not kept, work areas of kept
     /// keys whose stage is complete, side-store entries no kept key claims, and stale temp
     /// entries. Nothing held by a running stage is removed. Refs are not touched.
     pub fn gc(&self, keep: &BTreeSet<Digest>, dry_run: bool) -> Result<GcReport> {
@@ -141,6 +146,12 @@ impl Cache {
                 keep_outputs();
                 continue;
             };
+            // Judged before the record goes.
+            let job = self.job_path(&key);
+            let young_job = fs::metadata(&job).and_then(|m| m.modified()).is_ok_and(|t| {
+                SystemTime::now().duration_since(t).unwrap_or_default() < options.min_age
+            }) && self.complete_record(&key)?.is_none();
+            report.young_jobs_spared += usize::from(young_job);
             if record_path.exists() {
                 report.records_removed += 1;
                 report.bytes_freed += disk_size(&record_path);
@@ -156,7 +167,9 @@ impl Cache {
                     remove_path(&work)?;
                 }
             }
-            for path in [self.job_path(&key), self.log_path(&key)] {
+            let files =
+                if young_job { vec![self.log_path(&key)] } else { vec![job, self.log_path(&key)] };
+            for path in files {
                 if path.exists() {
                     report.bytes_freed += disk_size(&path);
                     if !dry_run {

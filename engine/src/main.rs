@@ -739,6 +739,13 @@ fn cache_command(cli: &Cli, cmd: &CacheCommand, out: &mut impl Write) -> anyhow:
                     r.skipped_locked.len()
                 )?;
             }
+            if r.young_jobs_spared > 0 {
+                writeln!(
+                    out,
+                    "left {} job descriptions of unfinished stages alone: written in the last hour, a worker or Slurm job about to start may need them (a later gc takes them)",
+                    r.young_jobs_spared
+                )?;
+            }
             let s =
                 slurm.gc(&cache, &keep, *dry_run, progdiff_cache::GcOptions::default().min_age)?;
             if !s.is_empty() {

@@ -198,3 +198,33 @@ fn young_unclaimed_banks_are_spared_while_busy() {
     assert_eq!((report.side_dirs_kept, report.side_dirs_removed), (1, 0));
     assert!(fresh.exists());
 }
+
+/// A job description of a stage not kept is spared while young and the stage unfinished: a
+/// coordinator may have just written it for a worker or Slurm job about to start, which holds
+/// no lock before it does. Old, or of a completed stage, it goes.
+#[test]
+fn young_job_descriptions_of_unfinished_stages_are_spared() {
+    let (_d, cache) = cache();
+    let (fresh, stale) = (hash_bytes(b"about to start"), hash_bytes(b"failed long ago"));
+    let done = record("done", &[]);
+    cache.publish(&done).unwrap();
+    for key in [fresh, stale, done.key] {
+        cache.write_job(&key, b"{}").unwrap();
+        std::io::Write::write_all(&mut cache.open_log(&key).unwrap(), b"log").unwrap();
+    }
+    age(&cache.job_path(&stale), Duration::from_secs(7200));
+
+    let report = cache.gc(&BTreeSet::new(), false).unwrap();
+    assert_eq!(report.young_jobs_spared, 1);
+    assert!(cache.job_path(&fresh).exists());
+    assert!(!cache.job_path(&stale).exists());
+    assert!(!cache.job_path(&done.key).exists(), "a completed stage's description goes");
+    for key in [fresh, stale, done.key] {
+        assert!(!cache.log_path(&key).exists());
+    }
+    // Aged past the minimum, it goes too.
+    let options = GcOptions { dry_run: false, min_age: Duration::ZERO };
+    let report = cache.gc_with(&BTreeSet::new(), &options).unwrap();
+    assert_eq!(report.young_jobs_spared, 0);
+    assert!(!cache.job_path(&fresh).exists());
+}
