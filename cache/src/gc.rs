@@ -10,6 +10,7 @@ use tracing::debug;
 use crate::cache::{Cache, disk_size, read_dir_sorted, remove_path, scan_sharded};
 use crate::digest::Digest;
 use crate::error::Result;
+use crate::lease::age;
 use crate::lock::CAN_REMOVE_LOCK_FILES;
 use crate::record::load_record;
 use crate::verify::DEFAULT_MIN_AGE;
@@ -148,9 +149,8 @@ impl Cache {
             };
             // Judged before the record goes.
             let job = self.job_path(&key);
-            let young_job = fs::metadata(&job).and_then(|m| m.modified()).is_ok_and(|t| {
-                SystemTime::now().duration_since(t).unwrap_or_default() < options.min_age
-            }) && self.complete_record(&key)?.is_none();
+            let young_job = age(&job).is_some_and(|age| age < options.min_age)
+                && self.complete_record(&key)?.is_none();
             report.young_jobs_spared += usize::from(young_job);
             if record_path.exists() {
                 report.records_removed += 1;
@@ -167,9 +167,9 @@ impl Cache {
                     remove_path(&work)?;
                 }
             }
-            let files =
-                if young_job { vec![self.log_path(&key)] } else { vec![job, self.log_path(&key)] };
-            for path in files {
+            for path in
+                [(!young_job).then_some(job), Some(self.log_path(&key))].into_iter().flatten()
+            {
                 if path.exists() {
                     report.bytes_freed += disk_size(&path);
                     if !dry_run {

@@ -247,7 +247,7 @@ impl Drop for Lease {
 }
 
 /// How long ago `path` was modified (`None` when it cannot be read).
-fn age(path: &std::path::Path) -> Option<Duration> {
+pub(crate) fn age(path: &std::path::Path) -> Option<Duration> {
     fs::metadata(path).and_then(|m| m.modified()).ok().map(|t| t.elapsed().unwrap_or_default())
 }
 

@@ -375,13 +375,11 @@ pub fn run_with(ctx: &StageContext, inputs: &TrainInputs, how: &How) -> anyhow::
         let mut sums = Sums::new(&interval, device);
         let mut last_loss = f64::NAN;
         let mut t_log = Instant::now();
+        // Interrupted before this process trained a step: nothing new to save. Later, an
+        // interruption is seen once per step, after the update (below), so a request that
+        // arrives at any moment saves the state of every step taken.
+        ctx.cancel.check()?;
         for step in start..steps {
-            // Interrupted before this process trained a step: nothing new to save. Later, an
-            // interruption is seen once per step, after the update (below), so a request that
-            // arrives at any moment saves the state of every step taken.
-            if step == start {
-                ctx.cancel.check()?;
-            }
             let host = feed.next(step)?;
             let s = step as u64;
             let x0 = match (&host.batch, &resident) {

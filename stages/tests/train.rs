@@ -3,10 +3,13 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use progdiff_stages::checkpoint::Checkpoint;
 use progdiff_stages::config::{DiffusionConfig, ModelConfig};
-use progdiff_stages::context::{StageContext, UpstreamOutputs};
+use progdiff_stages::context::{
+    CancelToken, Event, EventSink, Reporter, StageContext, UpstreamOutputs,
+};
 use progdiff_stages::data::DataConfig;
 use progdiff_stages::kind::{Sections, StageKind};
 use progdiff_stages::optim::Update;
@@ -110,10 +113,9 @@ fn loss_falls_on_the_synthetic_set() {
     }
 }
 
-#[test]
-fn a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one() {
-    let dir = tempfile::tempdir().unwrap();
-    let p = TrainParams {
+/// The resume tests' run: 30 steps, logged every 5, checkpointed every 10.
+fn resume_params() -> TrainParams {
+    TrainParams {
         steps: 30,
         batch_size: 8,
         lr: 1e-3,
@@ -121,7 +123,21 @@ fn a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one() {
         log_every: 5,
         checkpoint_every: 10,
         ..TrainParams::default()
-    };
+    }
+}
+
+/// `b` ended with the weights, EMA and logged metrics (throughput aside) of `a`.
+fn assert_same_training(a: &StageContext, b: &StageContext) {
+    for f in [train::MODEL_FILE, train::EMA_FILE] {
+        assert_eq!(weights(a.out_dir.join(f)), weights(b.out_dir.join(f)), "{f}");
+    }
+    assert_eq!(metrics(&a.out_dir), metrics(&b.out_dir));
+}
+
+#[test]
+fn a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = resume_params();
     let whole = ctx(dir.path(), "whole", &dir.path().join("work-whole"), vec![]);
     run(&whole, &p);
 
@@ -134,20 +150,16 @@ fn a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one() {
     assert!(work.join("latest").exists());
     let resumed = ctx(dir.path(), "resumed", &work, vec![]);
     run(&resumed, &p);
-
-    for f in [train::MODEL_FILE, train::EMA_FILE] {
-        assert_eq!(weights(whole.out_dir.join(f)), weights(resumed.out_dir.join(f)), "{f}");
-    }
-    assert_eq!(metrics(&whole.out_dir), metrics(&resumed.out_dir));
+    assert_same_training(&whole, &resumed);
 }
 
 /// Cancels its token at the first logged metrics, i.e. after the step that logs them decided
 /// whether to save (the moment a Ctrl-C used to be lost between).
-struct CancelAtFirstMetrics(progdiff_stages::context::CancelToken);
+struct CancelAtFirstMetrics(CancelToken);
 
-impl progdiff_stages::context::EventSink for CancelAtFirstMetrics {
-    fn emit(&self, event: &progdiff_stages::context::Event) {
-        if matches!(event, progdiff_stages::context::Event::Metrics { .. }) {
+impl EventSink for CancelAtFirstMetrics {
+    fn emit(&self, event: &Event) {
+        if matches!(event, Event::Metrics { .. }) {
             self.0.cancel();
         }
     }
@@ -157,23 +169,13 @@ impl progdiff_stages::context::EventSink for CancelAtFirstMetrics {
 fn an_interruption_at_any_moment_saves_the_steps_taken_and_the_rerun_resumes() {
     let dir = tempfile::tempdir().unwrap();
     // No periodic checkpoint within the run: only the interruption saves.
-    let p = TrainParams {
-        steps: 20,
-        batch_size: 8,
-        lr: 1e-3,
-        ema: 0.9,
-        log_every: 5,
-        checkpoint_every: 1000,
-        ..TrainParams::default()
-    };
+    let p = TrainParams { steps: 20, checkpoint_every: 1000, ..resume_params() };
     let whole = ctx(dir.path(), "whole", &dir.path().join("work-whole"), vec![]);
     run(&whole, &p);
 
     let work = dir.path().join("work-interrupted");
     let mut first = ctx(dir.path(), "first", &work, vec![]);
-    first.report = progdiff_stages::context::Reporter::to(std::sync::Arc::new(
-        CancelAtFirstMetrics(first.cancel.clone()),
-    ));
+    first.report = Reporter::to(Arc::new(CancelAtFirstMetrics(first.cancel.clone())));
     tch::set_num_threads(1);
     let err = train::run(&first, &inputs(&p)).unwrap_err();
     assert!(first.cancel.is_cancelled(), "{err:#}");
@@ -183,10 +185,7 @@ fn an_interruption_at_any_moment_saves_the_steps_taken_and_the_rerun_resumes() {
 
     let resumed = ctx(dir.path(), "resumed", &work, vec![]);
     run(&resumed, &p);
-    for f in [train::MODEL_FILE, train::EMA_FILE] {
-        assert_eq!(weights(whole.out_dir.join(f)), weights(resumed.out_dir.join(f)), "{f}");
-    }
-    assert_eq!(metrics(&whole.out_dir), metrics(&resumed.out_dir));
+    assert_same_training(&whole, &resumed);
 }
 
 #[test]
