@@ -717,7 +717,7 @@ fn cache_command(cli: &Cli, cmd: &CacheCommand, out: &mut impl Write) -> anyhow:
             // description and work area even when no manifest keeps it.
             let slurm = progdiff::slurm_gc::SlurmFiles::scan(&cache)?;
             let mut spared = keep.clone();
-            spared.extend(slurm.in_flight(&cache));
+            spared.extend(slurm.in_flight());
             let r = cache.gc(&spared, *dry_run)?;
             writeln!(
                 out,
@@ -746,8 +746,7 @@ fn cache_command(cli: &Cli, cmd: &CacheCommand, out: &mut impl Write) -> anyhow:
                     r.young_jobs_spared
                 )?;
             }
-            let s =
-                slurm.gc(&cache, &keep, *dry_run, progdiff_cache::GcOptions::default().min_age)?;
+            let s = slurm.gc(&keep, *dry_run, progdiff_cache::GcOptions::default().min_age)?;
             if !s.is_empty() {
                 writeln!(
                     out,

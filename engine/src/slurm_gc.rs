@@ -65,6 +65,9 @@ struct KeyFiles {
     record: Option<PathBuf>,
     marker: Option<PathBuf>,
     jobs: Vec<String>,
+    /// The stage's record was complete when the files were read (before the cache's sweep,
+    /// which removes the records of keys not kept).
+    complete: bool,
 }
 
 /// The `slurm` backend's files in a cache, with the queue's live jobs (asked once, and only when
@@ -108,6 +111,9 @@ impl SlurmFiles {
             files.jobs.extend(read::<ExitMarker>(&path).map(|m| m.job));
             files.marker = Some(path);
         }
+        for (key, files) in &mut keys {
+            files.complete = matches!(cache.complete_record(key), Ok(Some(_)));
+        }
         let outputs = files_in(&slurm.join("out"), ".out")?;
         let scripts = files_in(&slurm.join("scripts"), ".sh")?;
         let any = !(keys.is_empty() && outputs.is_empty() && scripts.is_empty());
@@ -118,18 +124,22 @@ impl SlurmFiles {
         matches!(&self.live, Some(Ok(live)) if live.contains(job))
     }
 
+    fn any_live(&self, files: &KeyFiles) -> bool {
+        files.jobs.iter().any(|j| self.is_live_job(j))
+    }
+
     /// Keys whose stage a Slurm job may still compute: not complete, submitted (a job record),
     /// and a job of theirs live in the queue, or the queue unreadable. The cache's own gc must
     /// spare them even when no manifest keeps them: a pending or requeued job reads its job
     /// description when it starts, and resumes from the work area.
-    pub fn in_flight(&self, cache: &Cache) -> BTreeSet<Digest> {
+    pub fn in_flight(&self) -> BTreeSet<Digest> {
         self.keys
             .iter()
-            .filter(|(key, files)| {
+            .filter(|(_, files)| {
                 files.record.is_some()
-                    && !matches!(cache.complete_record(key), Ok(Some(_)))
+                    && !files.complete
                     && match &self.live {
-                        Some(Ok(_)) => files.jobs.iter().any(|j| self.is_live_job(j)),
+                        Some(Ok(_)) => self.any_live(files),
                         _ => true,
                     }
             })
@@ -141,7 +151,6 @@ impl SlurmFiles {
     /// protects files that may belong to a submission in flight.
     pub fn gc(
         self,
-        cache: &Cache,
         keep: &BTreeSet<Digest>,
         dry_run: bool,
         min_age: Duration,
@@ -154,14 +163,9 @@ impl SlurmFiles {
         let mut removed_jobs = BTreeSet::new();
         let mut named_jobs = BTreeSet::new();
         for (key, files) in &self.keys {
-            let complete = matches!(cache.complete_record(key), Ok(Some(_)));
-            let finished = complete || !keep.contains(key);
-            let removable = finished
-                && if readable {
-                    !files.jobs.iter().any(|j| self.is_live_job(j))
-                } else {
-                    complete
-                };
+            let finished = files.complete || !keep.contains(key);
+            let removable =
+                finished && if readable { !self.any_live(files) } else { files.complete };
             if !removable {
                 report.keys_left += usize::from(finished);
                 named_jobs.extend(files.jobs.iter().cloned());
@@ -293,7 +297,7 @@ mod tests {
         min_age: Duration,
         queue: impl FnOnce() -> Result<BTreeSet<String>, String>,
     ) -> anyhow::Result<SlurmGcReport> {
-        SlurmFiles::scan_with(cache, queue)?.gc(cache, keep, dry_run, min_age)
+        SlurmFiles::scan_with(cache, queue)?.gc(keep, dry_run, min_age)
     }
 
     #[test]
@@ -309,11 +313,26 @@ mod tests {
         complete(&cache, &k1);
         let live = || Ok(BTreeSet::from(["31".to_string(), "32".to_string()]));
         let files = SlurmFiles::scan_with(&cache, live).unwrap();
-        assert_eq!(files.in_flight(&cache), BTreeSet::from([k2]));
+        assert_eq!(files.in_flight(), BTreeSet::from([k2]));
         // Unreadable queue: every submitted, unfinished stage may still be pending.
         let no_queue = || Err("no squeue".to_string());
         let files = SlurmFiles::scan_with(&cache, no_queue).unwrap();
-        assert_eq!(files.in_flight(&cache), BTreeSet::from([k2, k3]));
+        assert_eq!(files.in_flight(), BTreeSet::from([k2, k3]));
+    }
+
+    #[test]
+    fn completeness_is_judged_before_the_cache_sweep_removes_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path()).unwrap();
+        let done = key(1);
+        job_files(&cache, &done, "41");
+        complete(&cache, &done);
+        let files = SlurmFiles::scan_with(&cache, || Err("no squeue".to_string())).unwrap();
+        // The cache's own sweep (run between the scan and this gc) removes the record of the
+        // stage no manifest keeps: its job still finished, so its files go.
+        cache.gc(&BTreeSet::new(), false).unwrap();
+        let r = files.gc(&BTreeSet::new(), false, Duration::ZERO).unwrap();
+        assert_eq!((r.key_records_removed, r.markers_removed, r.keys_left), (1, 1, 0), "{r:?}");
     }
 
     #[test]
